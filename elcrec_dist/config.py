@@ -1,0 +1,329 @@
+"""Typed experiment configuration.
+
+Precedence, lowest to highest: dataclass defaults -> YAML file -> ``--set a.b=c`` overrides.
+Unknown keys and values of the wrong type are errors that name the key; nothing falls back
+silently. The resolved config is a plain dict (``to_dict``) written into the run folder and into
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong. Permanent: retrying will not help."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """SASRec encoder plus learnable intent centres (spec: "Encoder (SASRec)")."""
+
+    num_layers: int = 1
+    hidden_size: int = 64
+    num_heads: int = 2
+    max_len: int = 50
+    hidden_dropout: float = 0.5
+    attention_dropout: float = 0.5
+    num_clusters: int = 256
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+    def validate(self) -> None:
+        _require(self.num_layers >= 1, "model.num_layers must be >= 1")
+        _require(self.hidden_size >= 1, "model.hidden_size must be >= 1")
+        _require(
+            self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+            f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})",
+        )
+        _require(self.max_len >= 2, "model.max_len must be >= 2")
+        _require(self.num_clusters >= 1, "model.num_clusters must be >= 1")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"model.{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and forms of the named loss terms (spec: "Losses", item 6)."""
+
+    fusion: Literal["shift", "concat"] = "shift"
+    seq_cl_weight: float = 0.1
+    intent_cl_weight: float = 0.1
+    cluster_weight: float = 1.0  # alpha in the paper
+    # "all": mean over all k^2 centre pairs, diagonal included (reference run);
+    # "distinct": 1/(k(k-1)) over i != j (the paper's equation).
+    cluster_pairs: Literal["all", "distinct"] = "all"
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        _require(self.temperature > 0, "loss.temperature must be > 0")
+        for name in ("seq_cl_weight", "intent_cl_weight", "cluster_weight"):
+            _require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Sequence augmentations for the two contrastive views (spec: "Losses", item 3)."""
+
+    crop_ratio: float = 0.2
+    mask_ratio: float = 0.7
+    reorder_ratio: float = 0.2
+    methods: tuple[str, ...] = ("crop", "mask", "reorder")
+
+    def validate(self) -> None:
+        for name in ("crop_ratio", "mask_ratio", "reorder_ratio"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"augment.{name} must be in [0, 1], got {value}")
+        _require(len(self.methods) >= 1, "augment.methods must name at least one method")
+        for method in self.methods:
+            _require(
+                method in ("crop", "mask", "reorder"),
+                f"augment.methods: unknown method {method!r} (expected crop, mask or reorder)",
+            )
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """The one-off k-means start of the centres (spec: "Centres: start and keep-up")."""
+
+    sample_users: int = 50_000  # bounded sample: cost does not grow with the dataset
+    iterations: int = 20
+    restarts: int = 5
+    batch_size: int = 1024  # users per encoder pass while embedding the sample
+
+    def validate(self) -> None:
+        _require(self.sample_users >= 1, "kmeans.sample_users must be >= 1")
+        _require(self.iterations >= 1, "kmeans.iterations must be >= 1")
+        _require(self.restarts >= 1, "kmeans.restarts must be >= 1")
+        _require(self.batch_size >= 1, "kmeans.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared dataset lives (a folder or URL holding ``manifest.json``)."""
+
+    path: str = ""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1
+    epochs: int = 300
+    batch_size: int = 256  # users per optimizer step, summed over ranks
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    patience: int = 40  # early stopping on valid NDCG@20, counted in evaluations
+    eval_every: int = 1  # epochs between validation passes
+    run_dir: str = "runs/default"
+    log_every: int = 50  # steps between loss logs
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, "train.epochs must be >= 1")
+        _require(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive negatives)")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(self.patience >= 1, "train.patience must be >= 1")
+        _require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 1024
+    ks: tuple[int, ...] = (5, 10, 20)
+    select_metric: str = "NDCG@20"  # validation metric for early stopping and best checkpoint
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), "eval.ks must be >= 1")
+        names = {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")} | {"MRR"}
+        _require(
+            self.select_metric in names,
+            f"eval.select_metric {self.select_metric!r} is not one of {sorted(names)}",
+        )
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """Engine settings, kept apart from what the model computes."""
+
+    zero_stage: int = 0
+    bf16: bool = False
+    torch_adam: bool = True  # fused Adam needs a JIT compile; torch Adam is the CPU choice
+    gradient_clipping: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
+        _require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against ``annotation``; return it in the annotated form (lists -> tuples)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {annotation}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} ({value!r})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {annotation!r}")  # pragma: no cover
+
+
+def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(where + u for u in unknown)} "
+            f"(known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    config = _build(ExperimentConfig, values, "")
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None

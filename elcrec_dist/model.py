@@ -1,0 +1,159 @@
+"""ELCRec model: a SASRec encoder plus learnable intent centres.
+
+Spec: ``shared/docs/elcrec-method.md``, section "Encoder (SASRec)". The model knows nothing of
+devices, optimizers, loss weights or ranks; losses live in ``elcrec_dist.losses``.
+
+Shapes: B users, T = max_len positions (left-padded, newest item at T-1), D = hidden size,
+N items (ids 1..N, 0 is padding), k centres.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elcrec_dist.config import ModelConfig
+
+# The reference adds -10000 to masked attention logits rather than -inf. For a padded query
+# every key is masked, so its softmax becomes uniform-shifted attention over all keys instead of
+# NaN; those padded outputs enter the mean-pooled user embedding (spec: mean over all T
+# positions, padding included), so the finite value is part of the semantics.
+MASK_VALUE = -10000.0
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a post-LayerNorm residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_size = d // config.num_heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.dense = nn.Linear(d, d)
+        self.attn_dropout = config.attention_dropout
+        self.out_dropout = nn.Dropout(config.hidden_dropout)
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D]; mask: additive [B, 1, T, T] (0 or MASK_VALUE). Returns [B, T, D]."""
+        b, t, d = x.shape
+
+        def heads(proj: nn.Linear) -> torch.Tensor:
+            return proj(x).view(b, t, self.num_heads, self.head_size).transpose(1, 2)  # [B, H, T, Dh]
+
+        context = F.scaled_dot_product_attention(
+            heads(self.query),
+            heads(self.key),
+            heads(self.value),
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )  # [B, H, T, Dh]
+        context = context.transpose(1, 2).reshape(b, t, d)
+        return self.layer_norm(self.out_dropout(self.dense(context)) + x)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN (D -> 4D -> D, erf-GELU) with a post-LayerNorm residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.dense_1 = nn.Linear(d, 4 * d)
+        self.dense_2 = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]."""
+        hidden = self.dense_2(F.gelu(self.dense_1(x), approximate="none"))
+        return self.layer_norm(self.dropout(hidden) + x)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.attention(x, mask))
+
+
+class ELCRec(nn.Module):
+    """SASRec encoder with a tied item table and k learnable centres ``cluster_centers`` [k, D]."""
+
+    def __init__(self, config: ModelConfig, *, num_items: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_items = num_items
+        d = config.hidden_size
+        # Row 0 is padding: padding_idx keeps its gradient at zero, but it is initialised like
+        # every other row (the reference run does the same), so padded positions carry a small,
+        # fixed random vector rather than zeros.
+        self.item_embeddings = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_len, d)
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.cluster_centers = nn.Parameter(torch.empty(config.num_clusters, d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Replaced by the k-means start before the first step; a unit-norm random start keeps
+        # the model usable (and the loss finite) if that start is skipped.
+        with torch.no_grad():
+            self.cluster_centers.normal_()
+            self.cluster_centers.copy_(F.normalize(self.cluster_centers, dim=-1))
+
+    def attention_mask(self, items: torch.Tensor) -> torch.Tensor:
+        """Causal mask combined with a key-padding mask: [B, T] -> additive [B, 1, T, T]."""
+        t = items.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=items.device).tril()  # [T, T]
+        keep = causal[None, None] & (items > 0)[:, None, None, :]  # [B, 1, T, T]
+        zero = torch.zeros((), dtype=self.layer_norm.weight.dtype, device=items.device)
+        return torch.where(keep, zero, zero + MASK_VALUE)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Encode left-padded item ids [B, T] (T == max_len) into hidden states E [B, T, D]."""
+        if items.dim() != 2 or items.shape[1] != self.config.max_len:
+            raise ValueError(f"expected items [B, {self.config.max_len}], got {tuple(items.shape)}")
+        positions = torch.arange(items.shape[1], device=items.device)
+        x = self.item_embeddings(items) + self.position_embeddings(positions)[None]
+        x = self.dropout(self.layer_norm(x))
+        mask = self.attention_mask(items)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def score_all(self, user_vectors: torch.Tensor) -> torch.Tensor:
+        """Dot products with every item row, padding included: [B, D] -> [B, N + 1]."""
+        return user_vectors @ self.item_embeddings.weight.T
+
+    @staticmethod
+    def user_vector(hidden: torch.Tensor) -> torch.Tensor:
+        """Prediction vector: the newest position. [B, T, D] -> [B, D]."""
+        return hidden[:, -1]
+
+    @staticmethod
+    def pooled(hidden: torch.Tensor) -> torch.Tensor:
+        """Intent embedding: mean over all T positions, padding included. [B, T, D] -> [B, D]."""
+        return hidden.mean(dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
