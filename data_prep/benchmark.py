@@ -10,6 +10,7 @@ the file and line, and the output folder is left as it was.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import numpy as np
@@ -34,11 +35,10 @@ def parse_benchmark(path: str) -> tuple[np.ndarray, list[np.ndarray]]:
             tokens = line.split()
             if not tokens:
                 raise PrepError(f"{path}:{lineno}: empty line")
-            try:
-                values = [int(tok) for tok in tokens]
-            except ValueError:
-                bad = next(tok for tok in tokens if not _is_int(tok))
-                raise PrepError(f"{path}:{lineno}: {bad!r} is not an integer id") from None
+            bad = next((tok for tok in tokens if not _is_int(tok)), None)
+            if bad is not None:
+                raise PrepError(f"{path}:{lineno}: {bad!r} is not an integer id")
+            values = [int(tok) for tok in tokens]
             user, items = values[0], values[1:]
             if user in seen:
                 raise PrepError(
@@ -61,12 +61,12 @@ def parse_benchmark(path: str) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.asarray(user_ids, dtype=np.int64), sequences
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _is_int(token: str) -> bool:
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+    """Plain ASCII decimal digits only (``int()`` would also take ``1_0`` or non-ASCII digits)."""
+    return _DIGITS.fullmatch(token) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
