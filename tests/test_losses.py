@@ -1,0 +1,429 @@
+"""Loss terms against deliberately naive, loop-based implementations of the spec ("Losses")."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from elcrec_dist.config import LossConfig, ModelConfig
+from elcrec_dist.losses import (
+    TrainBatch,
+    cluster_loss,
+    elcrec_terms,
+    fuse_intents,
+    intent_cl_loss,
+    nearest_centre,
+    next_item_loss,
+    nt_xent,
+    seq_cl_loss,
+    weighted_total,
+)
+from elcrec_dist.model import ELCRec
+
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+# --------------------------------------------------------------------------------------------
+# Naive references: Python loops over users, positions, centres; float64 throughout.
+# --------------------------------------------------------------------------------------------
+
+
+def dot(u: torch.Tensor, v: torch.Tensor) -> float:
+    return sum(float(x) * float(y) for x, y in zip(u, v, strict=True))
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / math.sqrt(dot(v, v))
+
+
+def sq_dist(u: torch.Tensor, v: torch.Tensor) -> float:
+    return sum((float(x) - float(y)) ** 2 for x, y in zip(u, v, strict=True))
+
+
+def naive_next_item(
+    hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, table: torch.Tensor
+) -> float:
+    total, count = 0.0, 0
+    for b in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            if targets[b, t] == 0:
+                continue
+            pos = dot(hidden[b, t], table[targets[b, t]])
+            neg = dot(hidden[b, t], table[negatives[b, t]])
+            total += -math.log(1 / (1 + math.exp(-pos))) - math.log(1 - 1 / (1 + math.exp(-neg)))
+            count += 1
+    return total / count
+
+
+def naive_cluster(user_emb: torch.Tensor, centres: torch.Tensor, pairs: str) -> float:
+    h = [unit(u) for u in user_emb]
+    c = [unit(v) for v in centres]
+    k = len(c)
+    pull = sum(sq_dist(hi, cj) for hi in h for cj in c) / (len(h) * k)
+    if pairs == "all":
+        spread = sum(sq_dist(ci, cj) for ci in c for cj in c) / (k * k)
+    else:
+        spread = sum(sq_dist(c[i], c[j]) for i in range(k) for j in range(k) if i != j) / (
+            k * (k - 1)
+        )
+    return pull - spread
+
+
+def naive_nearest(x: Sequence[torch.Tensor], centres: Sequence[torch.Tensor]) -> list[int]:
+    out = []
+    for row in x:
+        distances = [sq_dist(row, c) for c in centres]
+        out.append(distances.index(min(distances)))  # first minimum
+    return out
+
+
+def naive_fuse(view_hidden: torch.Tensor, centres: torch.Tensor, fusion: str) -> torch.Tensor:
+    rows = []
+    for r in range(view_hidden.shape[0]):
+        flat: list[float] = []
+        for t in range(view_hidden.shape[1]):
+            h = view_hidden[r, t]
+            c = centres[naive_nearest([h], centres)[0]]
+            if fusion == "shift":
+                flat += [float(x) + float(y) for x, y in zip(h, c, strict=True)]
+            else:
+                flat += [float(x) for x in h] + [float(y) for y in c]
+        rows.append(flat)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def naive_nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> float:
+    m = len(a)
+    z = list(a) + list(b)
+    total = 0.0
+    for i in range(2 * m):
+        positive = i + m if i < m else i - m
+        logits = {j: dot(z[i], z[j]) / temperature for j in range(2 * m) if j != i}
+        top = max(logits.values())
+        log_denominator = top + math.log(sum(math.exp(v - top) for v in logits.values()))
+        total += log_denominator - logits[positive]
+    return total / (2 * m)
+
+
+def naive_mean_over_time(hidden: torch.Tensor) -> torch.Tensor:
+    t_len = hidden.shape[1]
+    return torch.stack(
+        [sum(hidden[r, t] for t in range(t_len)) / t_len for r in range(hidden.shape[0])]
+    )
+
+
+def naive_intent_cl(
+    view_hidden: torch.Tensor, user_emb: torch.Tensor, centres: torch.Tensor, temperature: float
+) -> float:
+    b = user_emb.shape[0]
+    assigned = naive_nearest([unit(u) for u in user_emb], [unit(c) for c in centres])
+    positives = torch.stack([centres[j] for j in assigned])
+    pooled = naive_mean_over_time(view_hidden)
+    return 0.5 * (
+        naive_nt_xent(pooled[:b], positives, temperature)
+        + naive_nt_xent(pooled[b:], positives, temperature)
+    )
+
+
+def naive_seq_cl(
+    view_hidden: torch.Tensor, centres: torch.Tensor, fusion: str, temperature: float
+) -> float:
+    fused = naive_fuse(view_hidden, centres, fusion)
+    b = fused.shape[0] // 2
+    return naive_nt_xent(fused[:b], fused[b:], temperature)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Next-item loss
+# --------------------------------------------------------------------------------------------
+
+
+def test_next_item_matches_loop_and_ignores_padding() -> None:
+    g = torch.Generator().manual_seed(1)
+    hidden, table = randn(3, 5, 4, seed=1), randn(9, 4, seed=2)
+    targets = torch.randint(1, 9, (3, 5), generator=g)
+    negatives = torch.randint(1, 9, (3, 5), generator=g)
+    targets[0, :2] = 0  # padded positions; their negatives are still drawn and must not count
+    targets[2, :4] = 0
+    got = next_item_loss(hidden, targets, negatives, table)
+    assert got.item() == pytest.approx(
+        naive_next_item(hidden, targets, negatives, table), rel=1e-12
+    )
+    # A changed hidden state at a padded position leaves the loss alone; at a real one it does not.
+    moved = hidden.clone()
+    moved[0, 0] += 5.0
+    assert next_item_loss(moved, targets, negatives, table).item() == pytest.approx(
+        got.item(), rel=1e-12
+    )
+    moved[0, 3] += 5.0
+    assert next_item_loss(moved, targets, negatives, table).item() != pytest.approx(
+        got.item(), rel=1e-6
+    )
+
+
+def test_next_item_is_finite_for_large_logits() -> None:
+    hidden = torch.full((1, 2, 2), 100.0)
+    table = torch.tensor([[0.0, 0.0], [-1.0, -1.0], [1.0, 1.0]])
+    targets, negatives = torch.tensor([[1, 1]]), torch.tensor([[2, 2]])
+    loss = next_item_loss(hidden, targets, negatives, table)  # logits -200 (pos) and +200 (neg)
+    assert loss.item() == pytest.approx(400.0, rel=1e-6)  # -logσ(-200) - logσ(-200) = 2·200
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster loss
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pairs", ["all", "distinct"])
+def test_cluster_loss_matches_loop(pairs: str) -> None:
+    user_emb, centres = randn(7, 5, seed=3) * 3.0, randn(4, 5, seed=4)
+    got = cluster_loss(user_emb, centres, pairs=pairs)
+    assert got.item() == pytest.approx(
+        naive_cluster(user_emb, centres, pairs), rel=1e-12, abs=1e-12
+    )
+
+
+def test_cluster_pairs_all_and_distinct_differ_by_diagonal() -> None:
+    user_emb, centres = randn(6, 4, seed=5), randn(3, 4, seed=6)
+    all_pairs = cluster_loss(user_emb, centres, pairs="all").item()
+    distinct = cluster_loss(user_emb, centres, pairs="distinct").item()
+    assert all_pairs != pytest.approx(distinct, rel=1e-3)
+    with pytest.raises(ValueError, match="2 centres"):
+        cluster_loss(user_emb, centres[:1], pairs="distinct")
+
+
+def rotation_fixing(axis: torch.Tensor, angle: float, seed: int) -> torch.Tensor:
+    """A Givens rotation by ``angle`` in a random plane orthogonal to ``axis``: R axis = axis."""
+    d = axis.shape[0]
+    basis = [unit(axis)]
+    for v in randn(2, d, seed=seed):
+        for e in basis:  # Gram-Schmidt against the axis and the first plane vector
+            v = v - dot(v, e) * e
+        basis.append(unit(v))
+    u1, u2 = basis[1], basis[2]
+    return (
+        torch.eye(d, dtype=torch.float64)
+        + (math.cos(angle) - 1.0) * (torch.outer(u1, u1) + torch.outer(u2, u2))
+        + math.sin(angle) * (torch.outer(u2, u1) - torch.outer(u1, u2))
+    )
+
+
+@pytest.mark.parametrize("pairs", ["all", "distinct"])
+def test_cluster_loss_sees_centres_only_through_their_mean(pairs: str) -> None:
+    """Spec derivation: on the unit sphere, permuting the centres or rotating them about their
+    mean leaves the loss unchanged; this term alone cannot separate individual centres."""
+    user_emb = torch.nn.functional.normalize(randn(8, 6, seed=7), dim=-1)
+    centres = torch.nn.functional.normalize(randn(5, 6, seed=8), dim=-1)
+    base = cluster_loss(user_emb, centres, pairs=pairs)
+
+    permuted = centres[torch.tensor([3, 0, 4, 1, 2])]
+    assert cluster_loss(user_emb, permuted, pairs=pairs).item() == pytest.approx(
+        base.item(), abs=1e-12
+    )
+
+    rotation = rotation_fixing(centres.mean(0), angle=1.1, seed=9)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(rotation @ centres.mean(0), centres.mean(0), atol=1e-12)
+    rotated = centres @ rotation.T  # c_j -> R c_j
+    assert (rotated - centres).abs().max() > 0.1  # the centres really moved
+    assert cluster_loss(user_emb, rotated, pairs=pairs).item() == pytest.approx(
+        base.item(), abs=1e-12
+    )
+
+    # A rotation that moves the mean does change the loss (so the checks above can fail).
+    moved = centres @ rotation_fixing(randn(6, seed=10), angle=1.1, seed=11).T
+    assert cluster_loss(user_emb, moved, pairs=pairs).item() != pytest.approx(base.item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest centre and fusion
+# --------------------------------------------------------------------------------------------
+
+
+def test_nearest_centre_matches_loop() -> None:
+    x, centres = randn(40, 5, seed=12), randn(7, 5, seed=13) * 2.0
+    assert nearest_centre(x, centres).tolist() == naive_nearest(x, centres)
+
+
+def test_nearest_centre_ties_go_to_lowest_index() -> None:
+    centres = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    x = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [3.0, 0.0]])
+    # [0,1]: centres 1 and 2 coincide. [0.5,0.5]: 1, 2, 3 all at distance 0.5.
+    assert nearest_centre(x, centres).tolist() == [1, 1, 3, 0]
+
+
+@pytest.mark.parametrize(("fusion", "width"), [("shift", 3 * 4), ("concat", 3 * 8)])
+def test_fuse_intents_shapes_and_values(fusion: str, width: int) -> None:
+    view_hidden, centres = randn(6, 3, 4, seed=14), randn(5, 4, seed=15)
+    fused = fuse_intents(view_hidden, centres, fusion)
+    assert fused.shape == (6, width)
+    torch.testing.assert_close(fused, naive_fuse(view_hidden, centres, fusion), **TOL)
+
+
+def test_fuse_concat_layout_by_hand() -> None:
+    view_hidden = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # one row, T = 2, D = 2
+    centres = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    # step 0 is nearest centre 1, step 1 nearest centre 0
+    assert fuse_intents(view_hidden, centres, "concat").tolist() == [[1, 0, 1, 1, 0, 3, 0, 2]]
+    assert fuse_intents(view_hidden, centres, "shift").tolist() == [[2, 1, 0, 5]]
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent and the two contrastive terms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_nt_xent_matches_loop(temperature: float) -> None:
+    a, b = randn(5, 3, seed=16), randn(5, 3, seed=17)
+    got = nt_xent(a, b, temperature=temperature)
+    assert got.item() == pytest.approx(naive_nt_xent(a, b, temperature), rel=1e-12)
+
+
+def test_nt_xent_by_hand_2x2() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    # rows (positive; other candidates) with τ = 1:
+    #   a0: a0·b0 = 1; a0·a1 = 0, a0·b1 = 0  -> log(e + 2) - 1
+    #   a1: a1·b1 = 0; a1·a0 = 0, a1·b0 = 1  -> log(e + 2)
+    #   b0: b0·a0 = 1; b0·b1 = 0, b0·a1 = 1  -> log(2e + 1) - 1
+    #   b1: b1·a1 = 0; b1·b0 = 0, b1·a0 = 0  -> log 3
+    e = math.e
+    expected = (2 * math.log(e + 2) - 1 + math.log(2 * e + 1) - 1 + math.log(3)) / 4
+    assert nt_xent(a, b, temperature=1.0).item() == pytest.approx(expected, rel=1e-12)
+    # τ scales every logit: τ = 0.5 equals τ = 1 with inputs scaled by √2.
+    assert nt_xent(a, b, temperature=0.5).item() == pytest.approx(
+        nt_xent(a * math.sqrt(2), b * math.sqrt(2), temperature=1.0).item(), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("fusion", ["shift", "concat"])
+def test_seq_cl_is_nt_xent_of_fused_views(fusion: str) -> None:
+    view_hidden, centres = randn(8, 3, 4, seed=18), randn(3, 4, seed=19)
+    got = seq_cl_loss(view_hidden, centres, fusion=fusion, temperature=1.0)
+    assert got.item() == pytest.approx(naive_seq_cl(view_hidden, centres, fusion, 1.0), rel=1e-12)
+
+
+def test_intent_cl_matches_loop_and_trains_only_assigned_centres() -> None:
+    view_hidden, user_emb = randn(10, 3, 4, seed=20), randn(5, 4, seed=21)
+    centres = randn(6, 4, seed=22).requires_grad_()
+    got = intent_cl_loss(view_hidden, user_emb, centres, temperature=1.0)
+    assert got.item() == pytest.approx(
+        naive_intent_cl(view_hidden, user_emb, centres.detach(), 1.0), rel=1e-12
+    )
+    got.backward()
+    assigned = set(naive_nearest([unit(u) for u in user_emb], [unit(c) for c in centres.detach()]))
+    assert 1 <= len(assigned) < 6  # the check below is not vacuous
+    with_grad = {i for i in range(6) if centres.grad[i].abs().sum() > 0}
+    assert with_grad == assigned
+
+
+# --------------------------------------------------------------------------------------------
+# elcrec_terms on a tiny real model, and the weights
+# --------------------------------------------------------------------------------------------
+
+NUM_ITEMS = 12
+
+
+def tiny_model() -> ELCRec:
+    torch.manual_seed(0)
+    config = ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=6, num_clusters=3)
+    return ELCRec(config, num_items=NUM_ITEMS).double().eval()
+
+
+def tiny_batch() -> TrainBatch:
+    g = torch.Generator().manual_seed(23)
+    inputs = torch.randint(1, NUM_ITEMS + 1, (4, 6), generator=g)
+    inputs[0, :3] = 0
+    inputs[2, :5] = 0
+    targets = torch.randint(1, NUM_ITEMS + 1, (4, 6), generator=g).masked_fill(inputs == 0, 0)
+    negatives = torch.randint(1, NUM_ITEMS + 1, (4, 6), generator=g)
+    views = torch.randint(0, NUM_ITEMS + 1, (8, 6), generator=g)
+    views[:, -1] = torch.randint(1, NUM_ITEMS + 1, (8,), generator=g)  # newest item is real
+    return TrainBatch(inputs=inputs, targets=targets, negatives=negatives, views=views)
+
+
+def count_forwards(model: ELCRec) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize(("fusion", "pairs"), [("shift", "all"), ("concat", "distinct")])
+def test_elcrec_terms_equal_the_naive_composition(fusion: str, pairs: str) -> None:
+    model, batch = tiny_model(), tiny_batch()
+    config = LossConfig(fusion=fusion, cluster_pairs=pairs, cluster_weight=10.0)
+    calls = count_forwards(model)
+    terms = elcrec_terms(model, batch, config)
+    assert calls == [4, 8]  # one pass over the inputs, one over the 2B views
+
+    with torch.no_grad():
+        hidden, view_hidden = model(batch.inputs), model(batch.views)
+    table, centres = model.item_embeddings.weight.detach(), model.cluster_centers.detach()
+    user_emb = naive_mean_over_time(hidden)
+    expected = {
+        "next_item": naive_next_item(hidden, batch.targets, batch.negatives, table),
+        "cluster": naive_cluster(user_emb, centres, pairs),
+        "seq_cl": naive_seq_cl(view_hidden, centres, fusion, 1.0),
+        "intent_cl": naive_intent_cl(view_hidden, user_emb, centres, 1.0),
+    }
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-10), name
+
+    total = weighted_total(terms, config)
+    want = (
+        expected["next_item"]
+        + 0.1 * expected["seq_cl"]
+        + 0.1 * expected["intent_cl"]
+        + 10.0 * expected["cluster"]
+    )
+    assert total.item() == pytest.approx(want, rel=1e-10)
+    total.backward()
+    assert model.cluster_centers.grad is not None and model.cluster_centers.grad.abs().sum() > 0
+
+
+def test_zero_weights_omit_terms_and_the_views_pass() -> None:
+    model, batch = tiny_model(), tiny_batch()
+    calls = count_forwards(model)
+
+    terms = elcrec_terms(
+        model, batch, LossConfig(seq_cl_weight=0.0, intent_cl_weight=0.0, cluster_weight=0.0)
+    )
+    assert set(terms) == {"next_item"} and calls == [4]
+
+    calls.clear()
+    terms = elcrec_terms(model, batch, LossConfig(seq_cl_weight=0.0, cluster_weight=0.0))
+    assert set(terms) == {"next_item", "intent_cl"} and calls == [4, 8]
+
+    calls.clear()
+    terms = elcrec_terms(model, batch, LossConfig(intent_cl_weight=0.0))
+    assert set(terms) == {"next_item", "seq_cl", "cluster"} and calls == [4, 8]
+
+
+def test_weighted_total_applies_the_weights() -> None:
+    terms = {
+        "next_item": torch.tensor(1.0),
+        "seq_cl": torch.tensor(2.0),
+        "intent_cl": torch.tensor(3.0),
+        "cluster": torch.tensor(4.0),
+    }
+    config = LossConfig(seq_cl_weight=0.5, intent_cl_weight=0.25, cluster_weight=2.0)
+    assert weighted_total(terms, config).item() == pytest.approx(1.0 + 1.0 + 0.75 + 8.0)
+
+    # A zero-weight term is left out, even a non-finite one; a weighted one must be present.
+    config = LossConfig(seq_cl_weight=0.0, intent_cl_weight=0.1, cluster_weight=1.0)
+    assert weighted_total(
+        {**terms, "seq_cl": torch.tensor(math.nan)}, config
+    ).item() == pytest.approx(1.0 + 0.3 + 4.0)
+    without = {name: v for name, v in terms.items() if name != "intent_cl"}
+    with pytest.raises(ValueError, match="intent_cl"):
+        weighted_total(without, config)
+    with pytest.raises(ValueError, match="unknown"):
+        weighted_total({**terms, "typo": torch.tensor(0.0)}, config)
