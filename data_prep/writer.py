@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,11 +47,16 @@ def write_prepared_dataset(
     shards: int = 1,
     compression: str = "zstd",
     extra: dict[str, Any] | None = None,
+    before_commit: Callable[[fsspec.AbstractFileSystem, str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``table`` (user_id, items) as ``shards`` Parquet files and commit the manifest.
 
     Refuses to overwrite an existing dataset (one with a manifest): nothing already written is
     lost. Stale shards of an earlier, unfinished write are replaced.
+
+    ``before_commit(fs, root)``, if given, runs after the shards are written and before the
+    manifest is committed: the place to write sidecar files (e.g. ``planted_intents.parquet``)
+    so that a reader who sees the manifest also sees them.
     """
     if shards < 1:
         raise PrepError(f"--shards must be >= 1, got {shards}")
@@ -80,5 +87,7 @@ def write_prepared_dataset(
         max_item_id=int(pc.max(pc.list_flatten(table.column("items"))).as_py() or 0),
         extra=extra,
     )
+    if before_commit is not None:
+        before_commit(fs, root)
     commit_manifest(fs, root, manifest)
     return manifest

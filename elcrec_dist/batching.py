@@ -1,0 +1,73 @@
+"""Training batches: inputs, targets, sampled negatives and the two augmented views.
+
+Everything random is drawn from an explicit ``torch.Generator`` so that a batch is a pure
+function of (users, generator state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from elcrec_dist.augment import two_views
+from elcrec_dist.config import AugmentConfig
+from elcrec_dist.data import left_pad, train_pairs
+from elcrec_dist.losses import TrainBatch
+
+MAX_RESAMPLE_ROUNDS = 100
+
+
+def padded_right(sequences: Sequence[np.ndarray], *, fill: int) -> torch.Tensor:
+    """Sequences right-padded with ``fill`` into [B, L] int64 (L = longest)."""
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), fill, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return torch.from_numpy(out)
+
+
+def sample_negatives(
+    targets: torch.Tensor, sequences: Sequence[np.ndarray], num_items: int, generator: torch.Generator
+) -> torch.Tensor:
+    """One negative per non-padded target position, uniform over items the user never had.
+
+    targets: [B, T] (0 = padding); returns [B, T] with 0 at padded positions.
+    """
+    seen = padded_right(sequences, fill=-1)  # [B, L]
+    negatives = torch.randint(1, num_items + 1, targets.shape, generator=generator)
+    todo = targets > 0
+    for _ in range(MAX_RESAMPLE_ROUNDS):
+        clash = (negatives[:, :, None] == seen[:, None, :]).any(dim=-1) & todo  # [B, T]
+        if not clash.any():
+            break
+        fresh = torch.randint(1, num_items + 1, targets.shape, generator=generator)
+        negatives = torch.where(clash, fresh, negatives)
+    else:  # pragma: no cover - needs a user who has seen almost every item
+        raise RuntimeError("could not sample negatives: a user has interacted with nearly every item")
+    return torch.where(todo, negatives, torch.zeros_like(negatives))
+
+
+def make_train_batch(
+    sequences: Sequence[np.ndarray],
+    *,
+    num_items: int,
+    max_len: int,
+    augment: AugmentConfig,
+    generator: torch.Generator,
+    with_views: bool = True,
+) -> TrainBatch:
+    """Build one batch from full user sequences (each of length >= 4)."""
+    pairs = [train_pairs(seq) for seq in sequences]
+    full_inputs = [inp for inp, _ in pairs]
+    inputs = left_pad(full_inputs, max_len)  # [B, T]
+    targets = left_pad([tgt for _, tgt in pairs], max_len)  # [B, T]
+    negatives = sample_negatives(targets, sequences, num_items, generator)
+    if with_views:
+        lengths = torch.tensor([len(x) for x in full_inputs], dtype=torch.int64)
+        untruncated = left_pad(full_inputs, int(lengths.max()))  # [B, L]
+        views = two_views(untruncated, lengths, augment, max_len=max_len, generator=generator)
+    else:
+        views = torch.zeros((0, max_len), dtype=torch.int64)
+    return TrainBatch(inputs=inputs, targets=targets, negatives=negatives, views=views)

@@ -1,0 +1,90 @@
+"""Process-group wiring, kept out of the model: init, rank helpers, reductions, teardown.
+
+On CPU (DeepSpeed's CPU accelerator) the backend is gloo; on CUDA it is NCCL. A plain
+``python launcher/train.py`` without a launcher runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init(*, local_rank: int | None = None) -> torch.device:
+    """Join (or create) the process group and return this process's device."""
+    present = [name for name in REQUIRED_ENV if name in os.environ]
+    if not present:
+        # Started without a launcher: a world of one on loopback.
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        )
+    elif len(present) != len(REQUIRED_ENV):
+        missing = [name for name in REQUIRED_ENV if name not in os.environ]
+        raise RuntimeError(f"distributed environment is incomplete: missing {', '.join(missing)}")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    lr = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one host share its cores; oversubscribed intra-op threads thrash.
+            local = int(os.environ.get("LOCAL_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        return torch.device("cpu")
+    accelerator.set_device(lr)
+    return torch.device(accelerator.device_name(), lr)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sums(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Sum a dict of floats over ranks (float64, fixed key order)."""
+    keys = sorted(values)
+    if not dist.is_initialized() or world_size() == 1:
+        return {k: float(values[k]) for k in keys}
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if dist.is_initialized() and world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,59 @@
+"""One logging interface: ``RunLogger.log(metrics, step)``.
+
+Scalars go to TensorBoard (``RUN/tb``) and to ``RUN/metrics.jsonl`` (one JSON object per call, for
+scripts and tests); only rank 0 writes. Human-readable messages use the standard ``logging``
+module under the ``elcrec_dist`` name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("elcrec_dist")
+
+
+def setup_console(*, main: bool) -> None:
+    """Messages to stderr: INFO on rank 0, WARNING elsewhere."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._writer: Any = None
+        self._jsonl: Any = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record scalar ``metrics`` (names like ``loss/next_item``, ``valid/NDCG@20``) at ``step``."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        for name, value in clean.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(name, value, global_step=step)
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+
+    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        if self.enabled:
+            self._writer.add_histogram(name, values, global_step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()
+            self.enabled = False

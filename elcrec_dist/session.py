@@ -1,0 +1,81 @@
+"""Run-folder bookkeeping around ``fit``: choosing the folder, writing the resolved config and the
+final ``results.json``. Files are written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+import yaml
+
+from elcrec_dist import distributed as dist_utils
+from elcrec_dist.config import ExperimentConfig
+from elcrec_dist.diagnostics import intent_recovery, popularity_metrics
+from elcrec_dist.model import ELCRec
+from elcrec_dist.prepared import DatasetInfo
+from elcrec_dist.runlog import RunLogger, logger
+from elcrec_dist.train import FitResult
+
+
+def prepare_run_dir(config: ExperimentConfig) -> Path:
+    """The run folder every rank agrees on; the resolved config is written into it."""
+    chosen = [config.train.run_dir]
+    if dist.is_initialized() and dist_utils.world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    run_dir = Path(chosen[0])
+    if dist_utils.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def finish_run(
+    config: ExperimentConfig,
+    result: FitResult,
+    model: ELCRec,
+    *,
+    info: DatasetInfo,
+    user_ids: np.ndarray,
+    sequences: Sequence[np.ndarray],
+    run_log: RunLogger,
+    seconds: float,
+) -> dict[str, Any]:
+    """Baselines and diagnostics for the record; writes ``results.json`` (rank 0)."""
+    summary: dict[str, Any] = {
+        "test": result.test,
+        "best_epoch": result.best_epoch,
+        "best_valid": result.best_valid,
+        "epochs_run": result.epochs_run,
+        "valid_history": result.valid_history,
+        "train_seconds": seconds,
+        "world_size": dist_utils.world_size(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if not dist_utils.is_main():
+        return summary
+    summary["popularity_test"] = popularity_metrics(sequences, num_items=info.num_items, split="test", ks=config.eval.ks)
+    planted = _planted_intents(config.data.path, user_ids)
+    if planted is not None:
+        summary["intent_recovery"] = intent_recovery(model, sequences, planted, seed=config.train.seed)
+    run_log.log({f"baseline/popularity/{k}": v for k, v in summary["popularity_test"].items()}, step=0)
+    logger.info("test %s; popularity baseline NDCG@20 %.4f", json.dumps(result.test), summary["popularity_test"].get("NDCG@20", float("nan")))
+    if "intent_recovery" in summary:
+        logger.info("intent recovery: %s", json.dumps(summary["intent_recovery"]))
+    path = Path(config.train.run_dir) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(path)
+    return summary
+
+
+def _planted_intents(url: str, user_ids: np.ndarray) -> np.ndarray | None:
+    """Planted intent per user (in ``user_ids`` order) when the dataset is synthetic, else None."""
+    from data_prep.synthetic import read_planted
+
+    planted = read_planted(url)
+    return None if planted is None else np.asarray(planted.for_users(user_ids))

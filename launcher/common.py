@@ -1,0 +1,39 @@
+"""Argument parsing and error handling shared by the entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+
+from elcrec_dist.errors import EXIT_OK, exit_code_for
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable; applied after the file)",
+    )
+    parser.add_argument("--data", help="prepared dataset folder or URL (overrides data.path)")
+
+
+def print_json_line(payload: Mapping[str, object]) -> None:
+    """The machine-readable result: one JSON object as the last stdout line."""
+    sys.stdout.flush()
+    print(json.dumps(payload), flush=True)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run ``main`` and exit with the documented code for whatever it raised."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == 1:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+    sys.exit(code if code is not None else EXIT_OK)

@@ -1,0 +1,68 @@
+"""Train ELCRec with DeepSpeed data parallelism.
+
+    deepspeed launcher/train.py --config configs/demo.yaml [--data DIR] [--set key=value ...]
+    python launcher/train.py --config configs/demo.yaml        # a world of one, no launcher
+
+Trains with early stopping on validation, evaluates the best model on test, writes the run
+folder (resolved config, TensorBoard, metrics.jsonl, best_model.pt, results.json) and prints the
+test metrics as one JSON object on the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from elcrec_dist import distributed as dist_utils
+from elcrec_dist.config import ConfigError, load_config
+from elcrec_dist.runlog import RunLogger, logger, setup_console
+from launcher.common import config_arguments, print_json_line, run_main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_arguments(parser)
+    parser.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = parser.parse_args()
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    config = load_config(args.config, overrides)
+    if not config.data.path:
+        raise ConfigError("no dataset: pass --data or set data.path")
+
+    from elcrec_dist.prepared import load_sequences
+    from elcrec_dist.session import finish_run, prepare_run_dir
+    from elcrec_dist.train import fit
+
+    info, user_ids, sequences = load_sequences(config.data.path)  # fails before any process group exists
+    device = dist_utils.init(local_rank=args.local_rank)
+    try:
+        setup_console(main=dist_utils.is_main())
+        run_dir = prepare_run_dir(config)
+        run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
+        logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users, info.num_items, dist_utils.world_size())
+        started = time.time()
+        try:
+            result, model = fit(config, sequences, num_items=info.num_items, device=device, run_log=run_log)
+            finish_run(config, result, model, info=info, user_ids=user_ids, sequences=sequences, run_log=run_log, seconds=time.time() - started)
+        finally:
+            run_log.close()
+        if dist_utils.is_main():
+            print(f"run folder: {run_dir}")
+            print_json_line({**result.test, "run_dir": str(run_dir)})
+    finally:
+        dist_utils.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,132 @@
+"""Unit tests of the training loop's pieces: batches, negatives, epochs, the engine step."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elcrec_dist.batching import make_train_batch, sample_negatives
+from elcrec_dist.config import load_config
+from elcrec_dist.losses import elcrec_terms, weighted_total
+from elcrec_dist.model import ELCRec
+from elcrec_dist.train import deepspeed_config, epoch_batches, init_centres, rank_share
+
+
+def test_train_batch_inputs_and_targets_by_hand() -> None:
+    cfg = load_config(None, ["model.max_len=4"])
+    seqs = [np.array([5, 6, 7, 8, 9, 10]), np.array([1, 2, 3, 4])]
+    batch = make_train_batch(seqs, num_items=10, max_len=4, augment=cfg.augment, generator=torch.Generator().manual_seed(0))
+    # user 0: input seq[:-3] = [5, 6, 7], targets seq[1:-2] = [6, 7, 8]; left-padded to 4
+    # user 1: input [1], target [2]
+    assert batch.inputs.tolist() == [[0, 5, 6, 7], [0, 0, 0, 1]]
+    assert batch.targets.tolist() == [[0, 6, 7, 8], [0, 0, 0, 2]]
+    assert batch.views.shape == (4, 4)
+    assert (batch.negatives == 0).tolist() == (batch.targets == 0).tolist()
+
+
+def test_negatives_avoid_the_whole_sequence() -> None:
+    gen = torch.Generator().manual_seed(3)
+    # a user who has seen items 1..8 of 10: negatives can only be 9 or 10
+    seqs = [np.arange(1, 9), np.array([2, 3, 4, 5])]
+    targets = torch.tensor([[0, 2, 3, 4], [0, 0, 3, 4]])
+    counts = np.zeros(11)
+    for _ in range(200):
+        neg = sample_negatives(targets, seqs, 10, gen)
+        assert set(neg[0, 1:].tolist()) <= {9, 10}
+        assert not set(neg[1, 2:].tolist()) & {2, 3, 4, 5}
+        assert neg[0, 0] == 0 and neg[1, :2].tolist() == [0, 0]
+        np.add.at(counts, neg[1, 2:].numpy(), 1)
+    # user 1 draws uniformly from the 6 unseen items {1, 6, 7, 8, 9, 10}: 400 draws, ~66 each
+    unseen = counts[[1, 6, 7, 8, 9, 10]]
+    assert counts[[2, 3, 4, 5]].sum() == 0
+    assert unseen.min() > 35 and unseen.max() < 100
+
+
+def test_epoch_batches_cover_every_user_once_and_depend_on_seed_and_epoch() -> None:
+    batches = epoch_batches(1000, batch_size=256, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [256, 256, 256, 232]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    again = epoch_batches(1000, batch_size=256, seed=1, epoch=0)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+    other = epoch_batches(1000, batch_size=256, seed=1, epoch=1)
+    assert not (batches[0] == other[0]).all()
+    shares = [rank_share(batches[0], r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [86, 85, 85]
+    assert sorted(np.concatenate(shares).tolist()) == sorted(batches[0].tolist())
+
+
+def test_deepspeed_config_carries_the_batch_triplet_and_refuses_uneven_splits() -> None:
+    cfg = load_config(None, ["train.batch_size=256", "deepspeed.zero_stage=1"])
+    ds = deepspeed_config(cfg, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 128, 1)
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ValueError, match="divisible"):
+        deepspeed_config(cfg, 3)
+
+
+def _tiny_config(extra: list[str] = ()) -> object:
+    return load_config(None, [
+        "model.hidden_size=8", "model.num_heads=2", "model.max_len=6", "model.num_clusters=3",
+        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.batch_size=4",
+        "kmeans.sample_users=8", "kmeans.restarts=2", "kmeans.iterations=5", *extra,
+    ])
+
+
+def _tiny_data(n: int = 8, items: int = 20, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(np.arange(1, items + 1), size=rng.integers(4, 10), replace=False) for _ in range(n)]
+
+
+def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample() -> None:
+    cfg = _tiny_config()
+    seqs = _tiny_data()
+    torch.manual_seed(0)
+    model = ELCRec(cfg.model, num_items=20)
+    init_centres(model, seqs, cfg)
+    centres = model.cluster_centers.detach()
+    assert torch.allclose(centres.norm(dim=1), torch.ones(3), atol=1e-6)
+    # Independently: every centre is the normalised mean of the normalised embeddings nearest to it
+    from elcrec_dist.train import pooled_embeddings
+
+    emb = F.normalize(pooled_embeddings(model, seqs, batch_size=3), dim=-1)
+    nearest = ((emb[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    for j in range(3):
+        members = emb[nearest == j]
+        if len(members):
+            assert torch.allclose(F.normalize(members.mean(0), dim=0), centres[j], atol=1e-4)
+
+
+def test_engine_step_equals_plain_adam_then_projection() -> None:
+    """One DeepSpeed step (world of one) == torch Adam on the same loss, then centres normalised."""
+    from elcrec_dist import distributed as dist_utils
+    from elcrec_dist.train import build_engine, train_step
+
+    dist_utils.init()
+    cfg = _tiny_config()
+    seqs = _tiny_data(4)
+    torch.manual_seed(0)
+    model = ELCRec(cfg.model, num_items=20)
+    reference = copy.deepcopy(model)
+    batch = make_train_batch(seqs, num_items=20, max_len=6, augment=cfg.augment, generator=torch.Generator().manual_seed(1))
+
+    engine = build_engine(model, cfg)
+    logged = train_step(engine, batch, cfg)
+
+    opt = torch.optim.Adam(reference.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, eps=1e-8)
+    terms = elcrec_terms(reference, batch, cfg.loss)
+    loss = weighted_total(terms, cfg.loss)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        reference.cluster_centers.copy_(F.normalize(reference.cluster_centers, dim=-1))
+
+    assert logged["loss/total"] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert set(logged) == {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total"}
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-6), name
+    assert torch.allclose(model.cluster_centers.norm(dim=1), torch.ones(3), atol=1e-6)
