@@ -86,6 +86,9 @@ class LossConfig:
     # "distinct": 1/(k(k-1)) over i != j (the paper's equation).
     cluster_pairs: Literal["all", "distinct"] = "all"
     temperature: float = 1.0
+    # Contrastive negatives under data parallelism: "global" gathers every rank's rows (with
+    # gradient) so 2 ranks x 128 compute the loss of 1 rank x 256; "local" uses this rank's only.
+    negatives: Literal["global", "local"] = "global"
 
     def validate(self) -> None:
         _require(self.temperature > 0, "loss.temperature must be > 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,55 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def row_counts(local_rows: int, device: torch.device) -> list[int]:
+    """Every rank's number of rows, in rank order."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [local_rows]
+    mine = torch.tensor([local_rows], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(counts, mine)
+    return [int(c.item()) for c in counts]
+
+
+def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate ``x`` [n_r, ...] from every rank in rank order, keeping the gradient.
+
+    Ranks may hold different numbers of rows (``counts``): rows are padded to the largest count
+    for the collective and the padding is cut off again, so it receives no gradient.
+    """
+    if len(counts) == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    width = max(counts)
+    if x.shape[0] < width:
+        x = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
+    parts = all_gather(x)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (no gradient); ``x`` itself in a world of one."""
+    if not dist.is_initialized() or world_size() == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def batch_shard(local_rows: int, *, device: torch.device, local_negatives: bool = False) -> Any:
+    """The ``losses.BatchShard`` of this rank for a step where it holds ``local_rows`` users."""
+    from elcrec_dist.losses import BatchShard
+
+    counts = row_counts(local_rows, device)
+    r = rank()
+    return BatchShard(
+        world=len(counts),
+        offset=sum(counts[:r]),
+        global_rows=sum(counts),
+        gather=lambda x: gather_rows(x, counts),
+        global_sum=global_sum,
+        local_negatives=local_negatives,
+    )

@@ -9,6 +9,7 @@ M rows of a contrastive batch, F features per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,37 @@ class TrainBatch:
     views: torch.Tensor
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """Where this rank's B_local rows sit in the global batch of B_global rows.
+
+    Under data parallelism every term is returned as this rank's *contribution*: the terms of
+    the global batch are the sums of the contributions over ranks (so 2 ranks x 128 users
+    compute the same loss as 1 rank x 256). ``gather`` concatenates a [B_local, ...] tensor
+    from all ranks in rank order, with gradient; ``global_sum`` adds a tensor over ranks
+    (no gradient). With ``local_negatives`` the contrastive terms use only this rank's rows as
+    negatives (each rank's mean, weighted by its share of the global batch).
+    The default is a world of one, where a contribution is the term itself.
+    """
+
+    world: int = 1
+    offset: int = 0  # index of this rank's first row in the gathered batch
+    global_rows: int | None = None  # B_global; None means B_local (a world of one)
+    gather: Callable[[torch.Tensor], torch.Tensor] = _identity
+    global_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+    local_negatives: bool = False
+
+    def rows(self, local_rows: int) -> int:
+        return local_rows if self.global_rows is None else self.global_rows
+
+
+LOCAL = BatchShard()
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -48,12 +80,13 @@ def next_item_loss(
     targets: torch.Tensor,
     negatives: torch.Tensor,
     item_table: torch.Tensor,
+    shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """Binary cross-entropy of the next item against one negative, at every non-padded position.
 
     hidden [B, T, D]; targets, negatives [B, T] (target 0 = padding position, ignored);
-    item_table [N + 1, D]. Returns the mean over non-padded positions of
-    ``-log σ(h·e_pos) - log(1 - σ(h·e_neg))`` (0 if there is none).
+    item_table [N + 1, D]. Returns the mean over non-padded positions (of the global batch;
+    this rank's share of the sum) of ``-log σ(h·e_pos) - log(1 - σ(h·e_neg))`` (0 if none).
     """
     _check(
         targets.shape == hidden.shape[:2] and negatives.shape == targets.shape,
@@ -65,7 +98,8 @@ def next_item_loss(
     # log(1 - σ(x)) = logσ(-x): stable where the reference's log(σ + 1e-24) saturates.
     per_position = -(F.logsigmoid(pos_logits) + F.logsigmoid(-neg_logits))  # [B, T]
     real = (targets > 0).to(per_position.dtype)
-    return (per_position * real).sum() / real.sum().clamp(min=1.0)
+    count = shard.global_sum(real.sum().detach())
+    return (per_position * real).sum() / count.clamp(min=1.0)
 
 
 def cluster_loss(
@@ -73,6 +107,7 @@ def cluster_loss(
     centres: torch.Tensor,
     *,
     pairs: Literal["all", "distinct"],
+    shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """``mean_{i,j} ||ĥ_i − ĉ_j||² − mean_{pairs} ||ĉ_i − ĉ_j||²`` on L2-normalised rows.
 
@@ -83,7 +118,8 @@ def cluster_loss(
     Computed without any [B, k] or [B, k, D] tensor, through
     ``mean_{i,j} ||x_i − y_j||² = mean_i ||x_i||² + mean_j ||y_j||² − 2 x̄·ȳ``.
     The squared norms are kept (not assumed 1) so a zero row, which F.normalize leaves at 0,
-    is handled exactly.
+    is handled exactly. Under a ``shard`` the user term is summed over local users and divided
+    by B_global, and the centre term (identical on every rank) is divided by the world size.
     """
     _check(
         user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
@@ -93,10 +129,11 @@ def cluster_loss(
     k = centres.shape[0]
     h = F.normalize(user_emb, dim=-1)  # [B, D]
     c = F.normalize(centres, dim=-1)  # [k, D]
-    h_sq = h.pow(2).sum(-1).mean()
+    b_global = shard.rows(h.shape[0])
     c_sq = c.pow(2).sum(-1).mean()
-    h_mean, c_mean = h.mean(0), c.mean(0)  # [D], [D]
-    pull = h_sq + c_sq - 2.0 * (h_mean @ c_mean)
+    c_mean = c.mean(0)  # [D]
+    # mean_j ||ĥ_i − ĉ_j||² = ||ĥ_i||² + mean_j ||ĉ_j||² − 2 ĥ_i·c̄, summed over local users
+    pull = (h.pow(2).sum(-1) + c_sq - 2.0 * (h @ c_mean)).sum() / b_global
     spread_all = 2.0 * c_sq - 2.0 * (c_mean @ c_mean)  # mean over all k² pairs
     if pairs == "all":
         spread = spread_all
@@ -105,7 +142,7 @@ def cluster_loss(
         spread = spread_all * (k / (k - 1))  # the diagonal pairs contribute 0
     else:
         raise ValueError(f"cluster_loss: pairs must be 'all' or 'distinct', got {pairs!r}")
-    return pull - spread
+    return pull - spread / shard.world
 
 
 def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -146,13 +183,16 @@ def fuse_intents(
     return fused.reshape(r, -1)
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, *, temperature: float) -> torch.Tensor:
+def nt_xent(
+    a: torch.Tensor, b: torch.Tensor, *, temperature: float, rows: slice | None = None
+) -> torch.Tensor:
     """Symmetric NT-Xent (InfoNCE) with raw dot products and in-batch negatives.
 
     a, b [M, F]. Row i of ``a`` has positive ``b_i`` and negatives ``b_j``, ``a_j`` (j ≠ i);
     rows of ``b`` likewise. Returns the cross-entropy over the 2M − 1 candidates of each row,
-    averaged over the 2M rows. A pure function of its inputs: a distributed caller gathers
-    ``a`` and ``b`` across ranks first.
+    averaged over the 2M rows. With ``rows`` (a range of i), only the queries ``a_i`` and
+    ``b_i`` of those rows are scored and their cross-entropies are summed and divided by 2M:
+    a rank's share of the mean, whose sum over disjoint ranges is the full loss.
     """
     _check(
         a.dim() == 2 and a.shape == b.shape,
@@ -160,11 +200,14 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, *, temperature: float) -> torch.Te
     )
     m = a.shape[0]
     z = torch.cat([a, b], dim=0)  # [2M, F]
-    logits = (z @ z.T) / temperature  # [2M, 2M]
-    self_pair = torch.eye(2 * m, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_pair, float("-inf"))  # a row is never its own candidate
-    positive = torch.arange(2 * m, device=z.device).roll(m)  # a_i <-> b_i
-    return F.cross_entropy(logits, positive)
+    index = torch.arange(2 * m, device=z.device)
+    if rows is not None:
+        local = torch.arange(m, device=z.device)[rows]
+        index = torch.cat([local, local + m])  # the queries a_i and b_i of this range
+    logits = (z[index] @ z.T) / temperature  # [R, 2M]
+    logits[torch.arange(len(index), device=z.device), index] = float("-inf")  # never itself
+    positive = (index + m) % (2 * m)  # a_i <-> b_i
+    return F.cross_entropy(logits, positive, reduction="sum") / (2 * m)
 
 
 def _halves(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,13 +222,31 @@ def seq_cl_loss(
     *,
     fusion: Literal["shift", "concat"],
     temperature: float,
+    shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """Sequence contrastive loss with intent fusion (spec item 4).
 
     view_hidden [2B, T, D] (rows 0..B-1 view 1, B..2B-1 view 2); centres [k, D].
     """
     view_1, view_2 = _halves(fuse_intents(view_hidden, centres, fusion))  # [B, T·D'] each
-    return nt_xent(view_1, view_2, temperature=temperature)
+    return _sharded_nt_xent(view_1, view_2, temperature=temperature, shard=shard)
+
+
+def _sharded_nt_xent(
+    a: torch.Tensor, b: torch.Tensor, *, temperature: float, shard: BatchShard
+) -> torch.Tensor:
+    """This rank's contribution to NT-Xent over the global batch (or its local share)."""
+    local_rows = a.shape[0]
+    if shard.world == 1 and shard.global_rows in (None, local_rows):
+        return nt_xent(a, b, temperature=temperature)
+    if shard.local_negatives:
+        weight = local_rows / shard.rows(local_rows)
+        return nt_xent(a, b, temperature=temperature) * weight
+    # Global negatives: gather every rank's rows (with gradient), score only this rank's
+    # queries. Each rank adds ``rows``/2M_global; the contributions sum to the global mean.
+    all_a, all_b = shard.gather(a), shard.gather(b)
+    mine = slice(shard.offset, shard.offset + local_rows)
+    return nt_xent(all_a, all_b, temperature=temperature, rows=mine)
 
 
 def intent_cl_loss(
@@ -194,6 +255,7 @@ def intent_cl_loss(
     centres: torch.Tensor,
     *,
     temperature: float,
+    shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """Intent contrastive loss (spec item 5).
 
@@ -211,13 +273,16 @@ def intent_cl_loss(
     positives = centres[assignment]  # [B, D]
     view_1, view_2 = _halves(ELCRec.pooled(view_hidden))  # [B, D] each
     return 0.5 * (
-        nt_xent(view_1, positives, temperature=temperature)
-        + nt_xent(view_2, positives, temperature=temperature)
+        _sharded_nt_xent(view_1, positives, temperature=temperature, shard=shard)
+        + _sharded_nt_xent(view_2, positives, temperature=temperature, shard=shard)
     )
 
 
-def elcrec_terms(model: ELCRec, batch: TrainBatch, config: LossConfig) -> dict[str, torch.Tensor]:
-    """Every loss term with a non-zero weight, by name (``next_item`` always).
+def elcrec_terms(
+    model: ELCRec, batch: TrainBatch, config: LossConfig, shard: BatchShard = LOCAL
+) -> dict[str, torch.Tensor]:
+    """Every loss term with a non-zero weight, by name (``next_item`` always): this rank's
+    contributions under ``shard`` (see ``BatchShard``), the terms themselves in a world of one.
 
     One encoder pass over ``batch.inputs`` serves the next-item and cluster terms (and the
     intent assignment); one pass over the 2B ``batch.views`` serves both contrastive terms (the
@@ -234,12 +299,14 @@ def elcrec_terms(model: ELCRec, batch: TrainBatch, config: LossConfig) -> dict[s
     hidden = model(batch.inputs)  # [B, T, D]
     terms = {
         "next_item": next_item_loss(
-            hidden, batch.targets, batch.negatives, model.item_embeddings.weight
+            hidden, batch.targets, batch.negatives, model.item_embeddings.weight, shard
         )
     }
     user_emb = model.pooled(hidden)  # [B, D]
     if config.cluster_weight > 0:
-        terms["cluster"] = cluster_loss(user_emb, centres, pairs=config.cluster_pairs)
+        terms["cluster"] = cluster_loss(
+            user_emb, centres, pairs=config.cluster_pairs, shard=shard
+        )
     if config.seq_cl_weight > 0 or config.intent_cl_weight > 0:
         _check(
             batch.views.shape == (2 * b, t),
@@ -248,11 +315,12 @@ def elcrec_terms(model: ELCRec, batch: TrainBatch, config: LossConfig) -> dict[s
         view_hidden = model(batch.views)  # [2B, T, D]
         if config.seq_cl_weight > 0:
             terms["seq_cl"] = seq_cl_loss(
-                view_hidden, centres, fusion=config.fusion, temperature=config.temperature
+                view_hidden, centres, fusion=config.fusion, temperature=config.temperature,
+                shard=shard,
             )
         if config.intent_cl_weight > 0:
             terms["intent_cl"] = intent_cl_loss(
-                view_hidden, user_emb, centres, temperature=config.temperature
+                view_hidden, user_emb, centres, temperature=config.temperature, shard=shard
             )
     return terms
 

@@ -25,7 +25,7 @@ from elcrec_dist.clustering import kmeans
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.evaluation import evaluate_sums, finalize
-from elcrec_dist.losses import TrainBatch, elcrec_terms, weighted_total
+from elcrec_dist.losses import BatchShard, TrainBatch, elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.runlog import RunLogger, logger
 
@@ -38,8 +38,8 @@ class ELCRecObjective(nn.Module):
         self.model = model
         self.loss_config = config.loss
 
-    def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        return elcrec_terms(self.model, batch, self.loss_config)
+    def forward(self, batch: TrainBatch, shard: BatchShard) -> dict[str, torch.Tensor]:
+        return elcrec_terms(self.model, batch, self.loss_config, shard)
 
 
 def deepspeed_config(config: ExperimentConfig, world: int) -> dict[str, Any]:
@@ -144,22 +144,30 @@ def project_centres(engine: Any) -> None:
 
 
 def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig) -> dict[str, float]:
-    """One optimizer step on this rank's share of the global batch; returns the loss terms."""
+    """One optimizer step on this rank's share of the global batch.
+
+    Returns the loss terms of the *global* batch (the same numbers on every rank).
+    """
     device = engine.device
+    shard = dist_utils.batch_shard(
+        batch.inputs.shape[0], device=device, local_negatives=config.loss.negatives == "local"
+    )
     batch = TrainBatch(
         inputs=batch.inputs.to(device),
         targets=batch.targets.to(device),
         negatives=batch.negatives.to(device),
         views=batch.views.to(device),
     )
-    terms = engine(batch)
+    terms = engine(batch, shard)  # this rank's contributions; they sum over ranks to the terms
     total = weighted_total(terms, config.loss)
-    engine.backward(total)
+    # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.
+    engine.backward(total * shard.world)
     engine.step()
     project_centres(engine)
-    out = {f"loss/{name}": float(value.detach()) for name, value in terms.items()}
-    out["loss/total"] = float(total.detach())
-    return out
+    names = [*terms, "total"]
+    values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float()])
+    values = dist_utils.global_sum(values).tolist()
+    return {f"loss/{name}": value for name, value in zip(names, values, strict=True)}
 
 
 def epoch_batches(num_users: int, *, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
