@@ -24,6 +24,11 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "elcrec-prepared"
 ARROW_SCHEMA = pa.schema([("user_id", pa.int64()), ("items", pa.list_(pa.int32()))])
+# Users per Parquet row group. Row groups are the work units of the streaming reader
+# (``elcrec_dist.stream``): small enough that a rank's shuffle window and read-ahead stay a few
+# MB and that the epoch permutation mixes users across ranks, large enough that one read is one
+# sizeable object-store request.
+ROW_GROUP_SIZE = 4096
 
 
 class DatasetError(ValueError):
@@ -76,7 +81,7 @@ def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, *, co
             table,
             handle,
             compression=compression,
-            row_group_size=64 * 1024,
+            row_group_size=ROW_GROUP_SIZE,
             write_statistics=True,
             store_schema=True,
         )

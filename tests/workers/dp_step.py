@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from elcrec_dist import distributed as dist_utils  # noqa: E402
-from elcrec_dist.batching import make_train_batch  # noqa: E402
-from elcrec_dist.config import load_config  # noqa: E402
-from elcrec_dist.losses import TrainBatch  # noqa: E402
-from elcrec_dist.model import ELCRec  # noqa: E402
-from elcrec_dist.train import build_engine, train_step  # noqa: E402
+from elcrec_dist import distributed as dist_utils
+from elcrec_dist.batching import make_train_batch
+from elcrec_dist.config import load_config
+from elcrec_dist.losses import TrainBatch
+from elcrec_dist.model import ELCRec
+from elcrec_dist.train import build_engine, train_step
 
 NUM_ITEMS = 300
 
