@@ -1,19 +1,140 @@
-"""Model checkpoints written atomically (temporary file, then rename).
+"""Checkpoints: the whole resumable state, committed by a manifest written last.
 
-A file either exists whole or not at all; loading uses ``weights_only=True``.
+Layout under the run folder::
+
+    RUN/checkpoints/step-00001234/      DeepSpeed engine state (model, optimizer partitions)
+    RUN/checkpoints/step-00001234/COMMITTED.json
+                                        written last by rank 0: every file with its size and
+                                        sha256, plus the training state (epoch, step, data
+                                        cursor, best metric, early-stopping counter, config)
+    RUN/best_model.pt                   the best weights so far (model state + config + meta)
+
+A checkpoint directory without ``COMMITTED.json``, or whose files no longer match it, does not
+count: ``latest_checkpoint`` skips it and a later save prunes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+COMMIT_NAME = "COMMITTED.json"
+CHECKPOINTS = "checkpoints"
+FORMAT = "elcrec-dist-checkpoint"
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing or does not fit. Permanent."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides the engine that a resumed run needs to continue exactly.
+
+    Randomness needs no saved generator state: every step's generators (augmentations,
+    negatives, dropout) are seeded from (seed, rank, global_step), so a resumed step draws what
+    the uninterrupted run drew.
+    """
+
+    epoch: int = 0  # the epoch in progress (data cursor, with step_in_epoch)
+    step_in_epoch: int = 0  # optimizer steps of ``epoch`` already taken
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_epoch: int = -1
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    valid_history: list[float] = field(default_factory=list)
+    world_size: int = 1
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
+        return cls(**values)
+
+
+def tag_of(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME and not p.name.endswith(".tmp"))
+
+
+def commit(folder: Path, *, state: TrainState, config: dict[str, Any]) -> None:
+    """Write ``COMMITTED.json`` (files, sizes, sha256, state) last, atomically. Rank 0 only."""
+    files = [
+        {"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files_of(folder)
+    ]
+    payload = {"format": FORMAT, "state": state.to_dict(), "config": config, "files": files}
+    tmp = folder / (COMMIT_NAME + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, folder / COMMIT_NAME)
+
+
+def verify(folder: Path) -> dict[str, Any] | None:
+    """The commit record of a complete checkpoint, or None if it is incomplete or changed."""
+    marker = folder / COMMIT_NAME
+    if not marker.is_file():
+        return None
+    try:
+        payload = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+    if payload.get("format") != FORMAT:
+        return None
+    for entry in payload.get("files", []):
+        path = folder / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            return None
+    return payload
+
+
+def _tags(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint under ``run_dir`` and its commit record."""
+    for folder in _tags(run_dir):
+        record = verify(folder)
+        if record is not None:
+            return folder, record
+    return None
+
+
+def prune(run_dir: Path, *, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; remove older and incomplete ones.
+
+    Call it only while no rank is writing a checkpoint (rank 0, after the save's barrier, or
+    before training starts).
+    """
+    kept = 0
+    for folder in _tags(run_dir):
+        if (folder / COMMIT_NAME).is_file() and kept < keep:
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_model(path: str | Path, *, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict[str, Any]) -> None:

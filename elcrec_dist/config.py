@@ -155,6 +155,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation passes
     run_dir: str = "runs/default"
     log_every: int = 50  # steps between loss logs
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    keep_checkpoints: int = 2  # complete checkpoints kept in RUN/checkpoints
 
     def validate(self) -> None:
         _require(self.epochs >= 1, "train.epochs must be >= 1")
@@ -163,6 +165,8 @@ class TrainConfig:
         _require(self.patience >= 1, "train.patience must be >= 1")
         _require(self.eval_every >= 1, "train.eval_every must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _require(all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be in [0, 1)")
 
 

@@ -279,10 +279,17 @@ def intent_cl_loss(
 
 
 def elcrec_terms(
-    model: ELCRec, batch: TrainBatch, config: LossConfig, shard: BatchShard = LOCAL
+    model: ELCRec,
+    batch: TrainBatch,
+    config: LossConfig,
+    shard: BatchShard = LOCAL,
+    *,
+    record: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every loss term with a non-zero weight, by name (``next_item`` always): this rank's
     contributions under ``shard`` (see ``BatchShard``), the terms themselves in a world of one.
+    If ``record`` is given, ``record["assignment"]`` receives each user's nearest centre [B]
+    (for centre statistics; no gradient).
 
     One encoder pass over ``batch.inputs`` serves the next-item and cluster terms (and the
     intent assignment); one pass over the 2B ``batch.views`` serves both contrastive terms (the
@@ -303,6 +310,8 @@ def elcrec_terms(
         )
     }
     user_emb = model.pooled(hidden)  # [B, D]
+    if record is not None:
+        record["assignment"] = nearest_centre(F.normalize(user_emb.detach(), dim=-1), F.normalize(centres.detach(), dim=-1))
     if config.cluster_weight > 0:
         terms["cluster"] = cluster_loss(
             user_emb, centres, pairs=config.cluster_pairs, shard=shard

@@ -48,6 +48,22 @@ class RunLogger:
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
 
+    def rewind(self, step: int) -> None:
+        """Forget everything logged after ``step`` (a resumed run logs those steps again)."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._jsonl.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=step + 1)
+
     def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
         if self.enabled:
             self._writer.add_histogram(name, values, global_step=step)

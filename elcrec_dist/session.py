@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 import torch.distributed as dist
 import yaml
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
-from elcrec_dist.diagnostics import intent_recovery, popularity_metrics
 from elcrec_dist.model import ELCRec
-from elcrec_dist.prepared import DatasetInfo
 from elcrec_dist.runlog import RunLogger, logger
-from elcrec_dist.train import FitResult
+from elcrec_dist.stream import StreamingDataset
+from elcrec_dist.train import FitResult, popularity_and_recovery
 
 
 def prepare_run_dir(config: ExperimentConfig) -> Path:
@@ -39,11 +37,10 @@ def finish_run(
     result: FitResult,
     model: ELCRec,
     *,
-    info: DatasetInfo,
-    user_ids: np.ndarray,
-    sequences: Sequence[np.ndarray],
+    data: StreamingDataset,
     run_log: RunLogger,
     seconds: float,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Baselines and diagnostics for the record; writes ``results.json`` (rank 0)."""
     summary: dict[str, Any] = {
@@ -51,18 +48,16 @@ def finish_run(
         "best_epoch": result.best_epoch,
         "best_valid": result.best_valid,
         "epochs_run": result.epochs_run,
+        "global_steps": result.global_step,
         "valid_history": result.valid_history,
         "train_seconds": seconds,
         "world_size": dist_utils.world_size(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    summary.update(popularity_and_recovery(model, data, config, device=device))
     if not dist_utils.is_main():
         return summary
-    summary["popularity_test"] = popularity_metrics(sequences, num_items=info.num_items, split="test", ks=config.eval.ks)
-    planted = _planted_intents(config.data.path, user_ids)
-    if planted is not None:
-        summary["intent_recovery"] = intent_recovery(model, sequences, planted, seed=config.train.seed)
-    run_log.log({f"baseline/popularity/{k}": v for k, v in summary["popularity_test"].items()}, step=0)
+    run_log.log({f"baseline/popularity/{k}": v for k, v in summary["popularity_test"].items()}, step=result.global_step)
     logger.info("test %s; popularity baseline NDCG@20 %.4f", json.dumps(result.test), summary["popularity_test"].get("NDCG@20", float("nan")))
     if "intent_recovery" in summary:
         logger.info("intent recovery: %s", json.dumps(summary["intent_recovery"]))
@@ -71,11 +66,3 @@ def finish_run(
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(path)
     return summary
-
-
-def _planted_intents(url: str, user_ids: np.ndarray) -> np.ndarray | None:
-    """Planted intent per user (in ``user_ids`` order) when the dataset is synthetic, else None."""
-    from data_prep.synthetic import read_planted
-
-    planted = read_planted(url)
-    return None if planted is None else np.asarray(planted.for_users(user_ids))

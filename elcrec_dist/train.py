@@ -1,14 +1,13 @@
-"""The training loop: centre start, step, epoch, validation, early stopping, final test.
+"""The training loop: centre start, step, epoch, validation, checkpoints, early stopping, test.
 
 Loop, step and evaluation are separate functions. One place (``build_engine``) calls
-``deepspeed.initialize``; the model itself knows nothing of engines or ranks.
+``deepspeed.initialize``; the model knows nothing of engines or ranks. Data arrive through
+``elcrec_dist.stream.StreamingDataset``: each rank reads only its share of the row groups.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elcrec_dist import checkpoint as ckpt
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.batching import make_train_batch
-from elcrec_dist.checkpoint import save_model
 from elcrec_dist.clustering import kmeans
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.data import left_pad, train_pairs
@@ -28,6 +27,7 @@ from elcrec_dist.evaluation import evaluate_sums, finalize
 from elcrec_dist.losses import BatchShard, TrainBatch, elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.runlog import RunLogger, logger
+from elcrec_dist.stream import StreamingDataset
 
 
 class ELCRecObjective(nn.Module):
@@ -38,8 +38,8 @@ class ELCRecObjective(nn.Module):
         self.model = model
         self.loss_config = config.loss
 
-    def forward(self, batch: TrainBatch, shard: BatchShard) -> dict[str, torch.Tensor]:
-        return elcrec_terms(self.model, batch, self.loss_config, shard)
+    def forward(self, batch: TrainBatch, shard: BatchShard, record: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return elcrec_terms(self.model, batch, self.loss_config, shard, record=record)
 
 
 def deepspeed_config(config: ExperimentConfig, world: int) -> dict[str, Any]:
@@ -82,13 +82,19 @@ def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
     return engine
 
 
+def step_seed(seed: int, rank: int, global_step: int) -> int:
+    """The seed of one rank's step: batches, augmentations and dropout depend on nothing else,
+    which makes a resumed run draw exactly what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed, rank, global_step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
-def pooled_embeddings(model: ELCRec, sequences: Sequence[np.ndarray], *, batch_size: int) -> torch.Tensor:
+def pooled_embeddings(model: ELCRec, sequences: list[np.ndarray], *, batch_size: int) -> torch.Tensor:
     """Mean-pooled embeddings of the training inputs (eval mode): -> [U, D] float32 on CPU."""
     was_training = model.training
     model.eval()
     device = model.item_embeddings.weight.device
-    out = []
+    out = [torch.zeros(0, model.config.hidden_size)]
     try:
         for start in range(0, len(sequences), batch_size):
             chunk = [train_pairs(seq)[0] for seq in sequences[start : start + batch_size]]
@@ -99,66 +105,66 @@ def pooled_embeddings(model: ELCRec, sequences: Sequence[np.ndarray], *, batch_s
     return torch.cat(out)
 
 
-def init_centres(model: ELCRec, sequences: Sequence[np.ndarray], config: ExperimentConfig) -> dict[str, float]:
-    """k-means start of the centres on a bounded sample (spec: "Centres: start and keep-up").
+def init_centres(model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> dict[str, float]:
+    """k-means start of the centres (spec: "Centres: start and keep-up").
 
-    Runs before the engine exists, so writing the parameter here is the initial value every
-    optimizer copy starts from. Rank 0's result is broadcast so all ranks start identical.
+    Each rank embeds its part of a bounded sample (its size does not grow with the data); the
+    embeddings are gathered, rank 0 clusters them and broadcasts the centres. This runs before
+    the engine exists, so the parameter written here is the value every optimizer copy starts
+    from.
     """
-    km = config.kmeans
-    k = model.config.num_clusters
-    generator = torch.Generator().manual_seed(config.train.seed)
-    count = min(km.sample_users, len(sequences))
-    if count < k:
-        raise ValueError(f"k-means start needs at least model.num_clusters={k} users, the sample has {count}")
-    chosen = torch.randperm(len(sequences), generator=generator)[:count].sort().values.tolist()
-    embeddings = F.normalize(pooled_embeddings(model, [sequences[i] for i in chosen], batch_size=km.batch_size), dim=-1)
-    result = kmeans(embeddings, k, iterations=km.iterations, restarts=km.restarts, generator=generator)
-    centres = F.normalize(result.centres, dim=-1).to(model.cluster_centers.device, model.cluster_centers.dtype)
+    km, k = config.kmeans, model.config.num_clusters
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    sample = data.sample_sequences(rank=rank, world=world, count=km.sample_users, seed=config.train.seed)
+    device = model.cluster_centers.device
+    local = F.normalize(pooled_embeddings(model, sample.sequences, batch_size=km.batch_size), dim=-1).to(device)
+    counts = dist_utils.row_counts(local.shape[0], device)
+    embeddings = dist_utils.gather_rows(local, counts)  # [S, D] on every rank
+    if embeddings.shape[0] < k:
+        raise ValueError(f"k-means start needs at least model.num_clusters={k} users, the sample has {embeddings.shape[0]}")
+    centres = torch.empty_like(model.cluster_centers)
+    inertia = torch.zeros((), dtype=torch.float64, device=device)
+    if dist_utils.is_main():
+        generator = torch.Generator().manual_seed(config.train.seed)
+        result = kmeans(embeddings.cpu(), k, iterations=km.iterations, restarts=km.restarts, generator=generator)
+        centres.copy_(F.normalize(result.centres, dim=-1))
+        inertia.fill_(result.inertia)
     dist_utils.broadcast_(centres)
+    dist_utils.broadcast_(inertia)
     with torch.no_grad():
         model.cluster_centers.copy_(centres)
-    return {"kmeans/inertia": result.inertia, "kmeans/sample_users": float(count)}
+    return {"kmeans/inertia": float(inertia), "kmeans/sample_users": float(embeddings.shape[0])}
 
 
 @torch.no_grad()
 def project_centres(engine: Any) -> None:
     """Re-project the centres onto the unit sphere after an optimizer step.
 
-    The reference overwrote ``param.data``. Here the new value is written where the optimizer
-    keeps its master copy too: under ZeRO 1/2 or bf16 DeepSpeed holds an fp32 partition that a
-    plain ``param.data`` write never reaches, so the fp32 value is read and written through
-    DeepSpeed's full-parameter accessors (collectives every rank calls) and the working copy
-    is set from the same value. All ranks compute the same value from identical inputs.
+    The reference overwrote ``param.data``. Under ZeRO 1/2 or bf16 DeepSpeed keeps an fp32
+    master partition that such a write never reaches, so the fp32 value is read and written
+    through DeepSpeed's full-parameter accessors (collectives every rank calls) and the working
+    copy is set from the same value. Every rank computes it from identical inputs.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     param = engine.module.model.cluster_centers
     if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
-        full = safe_get_full_fp32_param(param)
-        value = F.normalize(full.float(), dim=-1)
+        value = F.normalize(safe_get_full_fp32_param(param).float(), dim=-1)
         safe_set_full_fp32_param(param, value)
         param.data.copy_(value.to(param.dtype))
     else:  # plain fp32 data parallel: the parameter is the optimizer's copy
         param.data.copy_(F.normalize(param.data.float(), dim=-1).to(param.dtype))
 
 
-def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig) -> dict[str, float]:
+def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig, *, record: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """One optimizer step on this rank's share of the global batch.
 
     Returns the loss terms of the *global* batch (the same numbers on every rank).
     """
     device = engine.device
-    shard = dist_utils.batch_shard(
-        batch.inputs.shape[0], device=device, local_negatives=config.loss.negatives == "local"
-    )
-    batch = TrainBatch(
-        inputs=batch.inputs.to(device),
-        targets=batch.targets.to(device),
-        negatives=batch.negatives.to(device),
-        views=batch.views.to(device),
-    )
-    terms = engine(batch, shard)  # this rank's contributions; they sum over ranks to the terms
+    shard = dist_utils.batch_shard(batch.inputs.shape[0], device=device, local_negatives=config.loss.negatives == "local")
+    batch = TrainBatch(*(t.to(device) for t in (batch.inputs, batch.targets, batch.negatives, batch.views)))
+    terms = engine(batch, shard, record)  # this rank's contributions; they sum over ranks to the terms
     total = weighted_total(terms, config.loss)
     # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.
     engine.backward(total * shard.world)
@@ -166,20 +172,45 @@ def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig) -> dict
     project_centres(engine)
     names = [*terms, "total"]
     values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float()])
-    values = dist_utils.global_sum(values).tolist()
-    return {f"loss/{name}": value for name, value in zip(names, values, strict=True)}
+    summed = dist_utils.global_sum(values).tolist()
+    return {f"loss/{name}": value for name, value in zip(names, summed, strict=True)}
 
 
-def epoch_batches(num_users: int, *, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Global batches of user indices for one epoch: a permutation fixed by (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(num_users)
-    return [order[i : i + batch_size] for i in range(0, num_users, batch_size)]
+def evaluate_sharded(model: ELCRec, data: StreamingDataset, config: ExperimentConfig, *, split: str, device: torch.device) -> dict[str, float]:
+    """Each rank ranks its share of the users; sums and counts are added over ranks."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    totals = {name: 0.0 for name in metric_names(config)}
+    count = 0
+    chunks = data.eval_sequences(rank=rank, world=world, batch_size=config.eval.batch_size)
+    for chunk in _progress(chunks, desc=f"eval {split}", main=dist_utils.is_main(), total=None):
+        sums, n = evaluate_sums(model, chunk.sequences, split=split, ks=config.eval.ks, batch_size=config.eval.batch_size)  # type: ignore[arg-type]
+        for name, value in sums.items():
+            totals[name] += value
+        count += n
+    reduced = dist_utils.all_reduce_sums({**totals, "__count": float(count)}, device)
+    return finalize(reduced, int(reduced.pop("__count")))
 
 
-def rank_share(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's rows of a global batch (strided, so shares differ by at most one)."""
-    return indices[rank::world]
+def metric_names(config: ExperimentConfig) -> list[str]:
+    return [f"{m}@{k}" for k in config.eval.ks for m in ("HR", "NDCG")] + ["MRR"]
+
+
+@torch.no_grad()
+def centre_stats(centres: torch.Tensor, wins: torch.Tensor) -> dict[str, float]:
+    """Centre health: mean pairwise cosine (off-diagonal), norm of the mean of the normalised
+    centres (the only thing the published cluster loss sees), share of centres that won no user.
+
+    centres [k, D]; wins [k] users assigned to each centre over the last epoch.
+    """
+    c = F.normalize(centres.float(), dim=-1)
+    k = c.shape[0]
+    cos = c @ c.T
+    off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(k * (k - 1), 1)
+    return {
+        "centres/mean_pairwise_cosine": float(off_diagonal),
+        "centres/norm_of_mean": float(c.mean(0).norm()),
+        "centres/dead_fraction": float((wins == 0).float().mean()),
+    }
 
 
 @dataclass
@@ -190,101 +221,148 @@ class FitResult:
     test: dict[str, float]
     valid_history: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def evaluate_sharded(model: ELCRec, sequences: Sequence[np.ndarray], config: ExperimentConfig, *, split: str, device: torch.device) -> dict[str, float]:
-    """Each rank ranks its users; sums and counts are added over ranks before dividing."""
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    mine = sequences[rank::world]
-    sums, count = evaluate_sums(
-        model, mine, split=split, ks=config.eval.ks, batch_size=config.eval.batch_size,  # type: ignore[arg-type]
-        progress=dist_utils.is_main(),
-    )
-    if not sums:
-        sums = {name: 0.0 for name in _metric_names(config)}
-    totals = dist_utils.all_reduce_sums({**sums, "__count": float(count)}, device)
-    n = int(totals.pop("__count"))
-    return finalize(totals, n)
-
-
-def _metric_names(config: ExperimentConfig) -> list[str]:
-    return [f"{m}@{k}" for k in config.eval.ks for m in ("HR", "NDCG")] + ["MRR"]
+    global_step: int = 0
 
 
 def fit(
     config: ExperimentConfig,
-    sequences: Sequence[np.ndarray],
+    data: StreamingDataset,
     *,
-    num_items: int,
     device: torch.device,
     run_log: RunLogger,
+    resume: bool = False,
 ) -> tuple[FitResult, ELCRec]:
-    """Train with early stopping on validation, then evaluate the best model on test."""
+    """Train with early stopping on validation, then evaluate the best model on test.
+
+    With ``resume`` the newest complete checkpoint of the run folder is restored (an error if
+    there is none).
+    """
     started = time.time()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    torch.manual_seed(config.train.seed + rank)  # dropout differs per rank, fixed per seed
-    model = ELCRec(config.model, num_items=num_items).to(device)
-    stats = init_centres(model, sequences, config)
-    run_log.log(stats, step=0)
-    engine = build_engine(model, config)
-    data_gen = torch.Generator().manual_seed(config.train.seed * 1_000_003 + rank)
+    num_items = data.info.num_items
     run_dir = Path(config.train.run_dir)
-    best_path = run_dir / "best_model.pt"
+    torch.manual_seed(config.train.seed)  # the same initial model on every rank
+    model = ELCRec(config.model, num_items=num_items).to(device)
+    state = ckpt.TrainState(world_size=world)
+    if resume:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {run_dir / ckpt.CHECKPOINTS}")
+        folder, committed = found
+        state = ckpt.TrainState.from_dict(committed["state"])
+        if state.world_size != world:
+            raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} ranks; this run has {world}")
+    else:
+        run_log.log(init_centres(model, data, config), step=0)
+    engine = build_engine(model, config)
+    if resume:
+        engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        logger.info("resumed from %s (epoch %d, step %d of the epoch)", folder, state.epoch, state.step_in_epoch)
+        run_log.rewind(state.global_step)
+        dist_utils.barrier()
+        if dist_utils.is_main():
+            ckpt.prune(run_dir, keep=config.train.keep_checkpoints)  # drops partial saves of the killed run
+
     select = config.eval.select_metric
-    best, best_epoch, bad, step = -math.inf, -1, 0, 0
-    history: list[float] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    epoch = 0
+    steps_per_epoch = data.steps_per_epoch(config.train.batch_size)
     need_views = config.loss.seq_cl_weight > 0 or config.loss.intent_cl_weight > 0
-    progress = _progress(range(config.train.epochs), main=dist_utils.is_main())
-    for epoch in progress:
+    every = config.train.checkpoint_every
+    best_path = run_dir / "best_model.pt"
+    wins = torch.zeros(config.model.num_clusters, dtype=torch.float64, device=device)
+    stopped_early = False
+    epochs = _progress(range(state.epoch, config.train.epochs), desc="epochs", main=dist_utils.is_main(), total=config.train.epochs - state.epoch)
+    for epoch in epochs:
+        state.epoch = epoch
         model.train()
         epoch_start, seen = time.time(), 0
-        for global_batch in epoch_batches(len(sequences), batch_size=config.train.batch_size, seed=config.train.seed, epoch=epoch):
-            mine = rank_share(global_batch, rank, world)
-            if len(mine) < 2 or len(global_batch) < 2 * world:
-                continue  # a tail too small for in-batch negatives on every rank
-            batch = make_train_batch(
-                [sequences[i] for i in mine], num_items=num_items, max_len=config.model.max_len,
-                augment=config.augment, generator=data_gen, with_views=need_views,
-            )
-            terms = train_step(engine, batch, config)
-            step += 1
-            seen += len(global_batch)
-            if step % config.train.log_every == 0:
-                run_log.log({**terms, "lr": config.train.lr}, step=step)
-        run_log.log({"train/sequences_per_s": seen / max(time.time() - epoch_start, 1e-9), "train/epoch": epoch}, step=step)
-        if (epoch + 1) % config.train.eval_every and epoch + 1 != config.train.epochs:
-            continue
-        valid = evaluate_sharded(model, sequences, config, split="valid", device=device)
-        run_log.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
-        history.append(valid[select])
-        logger.info("epoch %d: valid %s = %.4f (best %.4f)", epoch, select, valid[select], max(best, valid[select]))
-        if valid[select] > best:
-            best, best_epoch, bad = valid[select], epoch, 0
-            # Every rank keeps the best weights in memory (the model is small), so the final
-            # test pass needs no shared file system; rank 0 also writes them to the run folder.
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if dist_utils.is_main():
-                save_model(best_path, state=model.state_dict(), config=config.to_dict(), meta={"epoch": epoch, select: best})
-        else:
-            bad += 1
-            if bad >= config.train.patience:
-                logger.info("early stop after epoch %d: no better %s for %d evaluations", epoch, select, bad)
-                break
+        batches = data.train_batches(epoch=epoch, rank=rank, world=world, batch_size=config.train.batch_size, seed=config.train.seed, start_step=state.step_in_epoch)
+        for step_in_epoch, users in batches:
+            seed = step_seed(config.train.seed, rank, state.global_step)
+            torch.manual_seed(seed)  # dropout
+            batch = make_train_batch(users.sequences, num_items=num_items, max_len=config.model.max_len,
+                                     augment=config.augment, generator=torch.Generator().manual_seed(seed), with_views=need_views)
+            record: dict[str, torch.Tensor] = {}
+            terms = train_step(engine, batch, config, record=record)
+            if "assignment" in record:
+                wins += torch.bincount(record["assignment"], minlength=wins.numel()).to(wins)
+            state.global_step += 1
+            state.step_in_epoch = step_in_epoch + 1
+            seen += len(users)
+            if state.global_step % config.train.log_every == 0:
+                run_log.log({**terms, "lr": config.train.lr}, step=state.global_step)
+            if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
+                save_checkpoint(engine, config, state, run_dir)
+        seconds = max(time.time() - epoch_start, 1e-9)
+        total_seen = dist_utils.all_reduce_sums({"seen": float(seen)}, device)["seen"]
+        run_log.log({"train/sequences_per_s": total_seen / seconds, "train/epoch": epoch}, step=state.global_step)
+        wins = dist_utils.global_sum(wins)
+        run_log.log(centre_stats(model.cluster_centers.detach(), wins), step=state.global_step)
+        run_log.histogram("centres/users_per_centre", wins.cpu(), step=state.global_step)
+        wins.zero_()
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs:
+            valid = evaluate_sharded(model, data, config, split="valid", device=device)
+            run_log.log({f"valid/{k}": v for k, v in valid.items()}, step=state.global_step)
+            state.valid_history.append(valid[select])
+            logger.info("epoch %d: valid %s = %.4f (best %.4f)", epoch, select, valid[select], max(state.best_metric, valid[select]))
+            if valid[select] > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_evals = valid[select], epoch, 0
+                if dist_utils.is_main():
+                    save_model_file(best_path, model, config, {"epoch": epoch, select: valid[select], "global_step": state.global_step})
+            else:
+                state.bad_evals += 1
+                stopped_early = state.bad_evals >= config.train.patience
+        save_checkpoint(engine, config, state, run_dir)
+        if stopped_early:
+            logger.info("early stop after epoch %d: no better %s for %d evaluations", epoch, select, state.bad_evals)
+            break
+
     dist_utils.barrier()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    test = evaluate_sharded(model, sequences, config, split="test", device=device)
-    run_log.log({f"test/{k}": v for k, v in test.items()}, step=step)
-    result = FitResult(best_epoch=best_epoch, best_valid=best, epochs_run=epoch + 1, test=test,
-                       valid_history=history, seconds=time.time() - started)
+    if best_path.exists():  # the run folder is shared by all ranks (checkpoints need that too)
+        model.load_state_dict(ckpt.load_model(best_path)["model"])
+    test = evaluate_sharded(model, data, config, split="test", device=device)
+    run_log.log({f"test/{k}": v for k, v in test.items()}, step=state.global_step)
+    state.finished = True
+    result = FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history, time.time() - started, state.global_step)
     return result, model
 
 
-def _progress(iterable: range, *, main: bool) -> Any:
+def save_model_file(path: Path, model: ELCRec, config: ExperimentConfig, meta: dict[str, Any]) -> None:
+    ckpt.save_model(path, state=model.state_dict(), config=config.to_dict(), meta=meta)
+
+
+def save_checkpoint(engine: Any, config: ExperimentConfig, state: ckpt.TrainState, run_dir: Path) -> None:
+    """Every rank writes its engine state; after a barrier rank 0 commits (manifest last) and prunes."""
+    folder = run_dir / ckpt.CHECKPOINTS / ckpt.tag_of(state.global_step)
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
+    dist_utils.barrier()
+    if dist_utils.is_main():
+        ckpt.commit(folder, state=state, config=config.to_dict())
+        ckpt.prune(run_dir, keep=config.train.keep_checkpoints)
+    dist_utils.barrier()
+
+
+def _progress(iterable: Any, *, desc: str, main: bool, total: int | None) -> Any:
     if not main:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, desc="epochs", unit="epoch")
+    return tqdm(iterable, desc=desc, total=total, leave=desc == "epochs")
+
+
+def popularity_and_recovery(model: ELCRec, data: StreamingDataset, config: ExperimentConfig, *, device: torch.device) -> dict[str, Any]:
+    """Diagnostics for results.json: a most-popular baseline (test) and, on planted-intent data,
+    how well the centres recover the planted intents (on the bounded k-means sample)."""
+    from elcrec_dist.diagnostics import intent_recovery, popularity_metrics_sharded
+
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    out: dict[str, Any] = {"popularity_test": popularity_metrics_sharded(data, config, rank=rank, world=world, device=device)}
+    from data_prep.synthetic import read_planted
+
+    planted = read_planted(data.url)
+    if planted is not None and dist_utils.is_main():
+        sample = data.sample_sequences(rank=0, world=1, count=config.kmeans.sample_users, seed=config.train.seed + 1)
+        labels = np.asarray(planted.for_users(sample.user_ids))
+        out["intent_recovery"] = intent_recovery(model, sample.sequences, labels, seed=config.train.seed)
+    return out
+

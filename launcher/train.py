@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_arguments(parser)
     parser.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder (an error if there is none)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args()
 
@@ -39,11 +40,12 @@ def main() -> int:
     if not config.data.path:
         raise ConfigError("no dataset: pass --data or set data.path")
 
-    from elcrec_dist.prepared import load_sequences
     from elcrec_dist.session import finish_run, prepare_run_dir
+    from elcrec_dist.stream import StreamingDataset
     from elcrec_dist.train import fit
 
-    info, user_ids, sequences = load_sequences(config.data.path)  # fails before any process group exists
+    data = StreamingDataset.open(config.data.path)  # manifest and footers: fails before any process group exists
+    info = data.info
     device = dist_utils.init(local_rank=args.local_rank)
     try:
         setup_console(main=dist_utils.is_main())
@@ -52,8 +54,8 @@ def main() -> int:
         logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users, info.num_items, dist_utils.world_size())
         started = time.time()
         try:
-            result, model = fit(config, sequences, num_items=info.num_items, device=device, run_log=run_log)
-            finish_run(config, result, model, info=info, user_ids=user_ids, sequences=sequences, run_log=run_log, seconds=time.time() - started)
+            result, model = fit(config, data, device=device, run_log=run_log, resume=args.resume)
+            finish_run(config, result, model, data=data, run_log=run_log, seconds=time.time() - started, device=device)
         finally:
             run_log.close()
         if dist_utils.is_main():

@@ -38,3 +38,52 @@ def beauty_sequences(beauty_prepared: Path):
     from elcrec_dist.prepared import load_sequences
 
     return load_sequences(str(beauty_prepared))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-protocol server (moto) on loopback for the session; yields its endpoint URL.
+
+    Tests reach it through the ``s3_env`` fixture, which points the environment at it.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch):
+    """Environment pointing s3fs at ``s3_server``, and a fresh bucket; yields the bucket name.
+
+    Endpoint and credentials come from the environment only (as in production). fsspec caches
+    filesystem instances, and an instance keeps the endpoint it was built with, so the cache is
+    cleared before and after: no configuration leaks into or out of the test.
+    """
+    import uuid
+
+    import fsspec
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    try:
+        yield bucket
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

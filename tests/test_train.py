@@ -13,7 +13,7 @@ from elcrec_dist.batching import make_train_batch, sample_negatives
 from elcrec_dist.config import load_config
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
-from elcrec_dist.train import deepspeed_config, epoch_batches, init_centres, rank_share
+from elcrec_dist.train import centre_stats, deepspeed_config, init_centres, step_seed
 
 
 def test_train_batch_inputs_and_targets_by_hand() -> None:
@@ -46,19 +46,6 @@ def test_negatives_avoid_the_whole_sequence() -> None:
     assert unseen.min() > 35 and unseen.max() < 100
 
 
-def test_epoch_batches_cover_every_user_once_and_depend_on_seed_and_epoch() -> None:
-    batches = epoch_batches(1000, batch_size=256, seed=1, epoch=0)
-    assert [len(b) for b in batches] == [256, 256, 256, 232]
-    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
-    again = epoch_batches(1000, batch_size=256, seed=1, epoch=0)
-    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
-    other = epoch_batches(1000, batch_size=256, seed=1, epoch=1)
-    assert not (batches[0] == other[0]).all()
-    shares = [rank_share(batches[0], r, 3) for r in range(3)]
-    assert [len(s) for s in shares] == [86, 85, 85]
-    assert sorted(np.concatenate(shares).tolist()) == sorted(batches[0].tolist())
-
-
 def test_deepspeed_config_carries_the_batch_triplet_and_refuses_uneven_splits() -> None:
     cfg = load_config(None, ["train.batch_size=256", "deepspeed.zero_stage=1"])
     ds = deepspeed_config(cfg, 2)
@@ -82,12 +69,24 @@ def _tiny_data(n: int = 8, items: int = 20, seed: int = 0) -> list[np.ndarray]:
     return [rng.choice(np.arange(1, items + 1), size=rng.integers(4, 10), replace=False) for _ in range(n)]
 
 
-def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample() -> None:
+def _stream(tmp_path, seqs: list[np.ndarray], items: int = 20):
+    import pyarrow as pa
+
+    from data_prep.writer import write_prepared_dataset
+    from elcrec_dist.stream import StreamingDataset
+
+    table = pa.table({"user_id": pa.array(range(1, len(seqs) + 1), pa.int64()),
+                      "items": pa.array([s.astype(np.int32) for s in seqs], pa.list_(pa.int32()))})
+    write_prepared_dataset(str(tmp_path / "data"), table, num_items=items)
+    return StreamingDataset.open(str(tmp_path / "data"))
+
+
+def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path) -> None:
     cfg = _tiny_config()
     seqs = _tiny_data()
     torch.manual_seed(0)
     model = ELCRec(cfg.model, num_items=20)
-    init_centres(model, seqs, cfg)
+    init_centres(model, _stream(tmp_path, seqs), cfg)  # sample_users=8: every user
     centres = model.cluster_centers.detach()
     assert torch.allclose(centres.norm(dim=1), torch.ones(3), atol=1e-6)
     # Independently: every centre is the normalised mean of the normalised embeddings nearest to it
@@ -130,3 +129,19 @@ def test_engine_step_equals_plain_adam_then_projection() -> None:
     for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-6), name
     assert torch.allclose(model.cluster_centers.norm(dim=1), torch.ones(3), atol=1e-6)
+
+
+def test_step_seed_depends_on_seed_rank_and_step_only() -> None:
+    assert step_seed(1, 0, 5) == step_seed(1, 0, 5)
+    assert len({step_seed(1, 0, 5), step_seed(2, 0, 5), step_seed(1, 1, 5), step_seed(1, 0, 6)}) == 4
+    assert 0 <= step_seed(1, 0, 5) < 2**63
+
+
+def test_centre_stats_by_hand() -> None:
+    # two orthogonal unit centres and their opposite-free copy: cos(0,1) = 0, cos(0,2) = 1, cos(1,2) = 0
+    centres = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    stats = centre_stats(centres, torch.tensor([5.0, 0.0, 1.0]))
+    assert stats["centres/mean_pairwise_cosine"] == pytest.approx((0 + 1 + 0) * 2 / 6)
+    # normalised: (1,0), (0,1), (1,0) -> mean (2/3, 1/3), norm sqrt(5)/3
+    assert stats["centres/norm_of_mean"] == pytest.approx(5**0.5 / 3)
+    assert stats["centres/dead_fraction"] == pytest.approx(1 / 3)
