@@ -23,23 +23,26 @@ import torch
 from elcrec_dist.data import EvalBatch, Split, eval_batch
 from elcrec_dist.model import ELCRec
 
-NEG_INF = float("-inf")
-
 
 def answer_ranks(scores: torch.Tensor, answers: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     """0-based pessimistic rank of each answer among the candidates.
 
     scores: [B, N + 1] (column 0 is padding); answers: [B]; history: [B, L] item ids to exclude,
-    0 where empty. Returns [B] int64.
+    0 where empty. Returns [B] int64. ``scores`` is not modified.
+
+    One pass over the score matrix: count every column scoring >= the answer, then take back
+    the padding column and the distinct history items (other than the answer) that were
+    counted, which are found in the small [B, L] history instead of writing -inf into [B, N+1].
     """
-    scores = scores.clone()
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    answer_scores = scores[rows, answers].clone()  # [B]
-    scores.scatter_(1, history, NEG_INF)  # history ids (and padding 0) excluded
-    scores[:, 0] = NEG_INF
-    scores[rows, answers] = answer_scores  # the answer is always a candidate
-    at_least = (scores >= answer_scores[:, None]).sum(dim=1)  # includes the answer itself
-    return at_least - 1
+    answer_scores = scores.gather(1, answers[:, None])  # [B, 1]
+    at_least = (scores >= answer_scores).sum(dim=1)  # includes the answer itself
+    ordered = history.sort(dim=1).values  # [B, L]
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    excluded = (ordered > 0) & ~repeated & (ordered != answers[:, None])
+    counted = excluded & (scores.gather(1, ordered) >= answer_scores)
+    padding = scores[:, 0] >= answer_scores[:, 0]
+    return at_least - 1 - counted.sum(dim=1) - padding.long()
 
 
 def naive_answer_rank(scores: Sequence[float], answer: int, history: Iterable[int]) -> int:
@@ -82,7 +85,7 @@ def ndcg_of_rank(rank: int) -> float:
 def evaluate_batch(model: ELCRec, batch: EvalBatch, ks: Sequence[int]) -> dict[str, float]:
     """Metric sums for one batch, model in whatever mode the caller set (eval for ranking)."""
     device = model.item_embeddings.weight.device
-    hidden = model(batch.inputs.to(device))  # [B, T, D]
+    hidden = model(batch.inputs.to(device), last_only=True)  # [B, 1, D]
     scores = model.score_all(model.user_vector(hidden)).float()  # [B, N + 1]
     ranks = answer_ranks(scores, batch.answers.to(device), batch.history.to(device))
     return metric_sums(ranks, ks)

@@ -291,10 +291,11 @@ def elcrec_terms(
     If ``record`` is given, ``record["assignment"]`` receives each user's nearest centre [B]
     (for centre statistics; no gradient).
 
-    One encoder pass over ``batch.inputs`` serves the next-item and cluster terms (and the
-    intent assignment); one pass over the 2B ``batch.views`` serves both contrastive terms (the
-    reference run encoded the views twice; same semantics, half the work). The views pass is
-    skipped when both contrastive weights are 0.
+    One encoder pass over the B inputs and the 2B augmented views together (3B rows) serves
+    every term: the input rows the next-item and cluster terms (and the intent assignment), the
+    view rows both contrastive terms. The reference run encoded the views twice, in separate
+    calls; rows do not interact in the encoder, so the numbers are the same for less work.
+    Views are left out when both contrastive weights are 0.
     """
     b, t = batch.inputs.shape
     _check(
@@ -303,7 +304,16 @@ def elcrec_terms(
         f"{tuple(batch.negatives.shape)} must match inputs [B, T] = [{b}, {t}]",
     )
     centres = model.cluster_centers
-    hidden = model(batch.inputs)  # [B, T, D]
+    with_views = config.seq_cl_weight > 0 or config.intent_cl_weight > 0
+    if with_views:
+        _check(
+            batch.views.shape == (2 * b, t),
+            f"TrainBatch: views {tuple(batch.views.shape)} must be [2B, T] = [{2 * b}, {t}]",
+        )
+        encoded = model(torch.cat([batch.inputs, batch.views]))  # [3B, T, D]
+        hidden, view_hidden = encoded[:b], encoded[b:]  # [B, T, D], [2B, T, D]
+    else:
+        hidden = model(batch.inputs)  # [B, T, D]
     terms = {
         "next_item": next_item_loss(
             hidden, batch.targets, batch.negatives, model.item_embeddings.weight, shard
@@ -316,12 +326,7 @@ def elcrec_terms(
         terms["cluster"] = cluster_loss(
             user_emb, centres, pairs=config.cluster_pairs, shard=shard
         )
-    if config.seq_cl_weight > 0 or config.intent_cl_weight > 0:
-        _check(
-            batch.views.shape == (2 * b, t),
-            f"TrainBatch: views {tuple(batch.views.shape)} must be [2B, T] = [{2 * b}, {t}]",
-        )
-        view_hidden = model(batch.views)  # [2B, T, D]
+    if with_views:
         if config.seq_cl_weight > 0:
             terms["seq_cl"] = seq_cl_loss(
                 view_hidden, centres, fusion=config.fusion, temperature=config.temperature,

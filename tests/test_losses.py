@@ -361,7 +361,7 @@ def test_elcrec_terms_equal_the_naive_composition(fusion: str, pairs: str) -> No
     config = LossConfig(fusion=fusion, cluster_pairs=pairs, cluster_weight=10.0)
     calls = count_forwards(model)
     terms = elcrec_terms(model, batch, config)
-    assert calls == [4, 8]  # one pass over the inputs, one over the 2B views
+    assert calls == [12]  # one pass over the B inputs and the 2B views together
 
     with torch.no_grad():
         hidden, view_hidden = model(batch.inputs), model(batch.views)
@@ -400,11 +400,11 @@ def test_zero_weights_omit_terms_and_the_views_pass() -> None:
 
     calls.clear()
     terms = elcrec_terms(model, batch, LossConfig(seq_cl_weight=0.0, cluster_weight=0.0))
-    assert set(terms) == {"next_item", "intent_cl"} and calls == [4, 8]
+    assert set(terms) == {"next_item", "intent_cl"} and calls == [12]  # one pass: B inputs + 2B views
 
     calls.clear()
     terms = elcrec_terms(model, batch, LossConfig(intent_cl_weight=0.0))
-    assert set(terms) == {"next_item", "seq_cl", "cluster"} and calls == [4, 8]
+    assert set(terms) == {"next_item", "seq_cl", "cluster"} and calls == [12]  # one pass: B inputs + 2B views
 
 
 def test_weighted_total_applies_the_weights() -> None:
@@ -427,3 +427,28 @@ def test_weighted_total_applies_the_weights() -> None:
         weighted_total(without, config)
     with pytest.raises(ValueError, match="unknown"):
         weighted_total({**terms, "typo": torch.tensor(0.0)}, config)
+
+
+def test_dropout_matches_the_bernoulli_distribution() -> None:
+    from elcrec_dist.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(200_000)
+    out = drop(x)
+    kept = out != 0
+    # kept values are scaled by 1/(1-p); the keep rate is 1-p within 5 standard errors
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    assert abs(kept.float().mean().item() - 0.7) < 5 * (0.7 * 0.3 / 200_000) ** 0.5
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_last_only_forward_equals_the_full_forward() -> None:
+    torch.manual_seed(0)
+    for layers in (1, 3):
+        model = ELCRec(ModelConfig(num_layers=layers, hidden_size=8, num_heads=2, max_len=7, num_clusters=3), num_items=30).eval()
+        items = torch.tensor([[0, 0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 0, 9]])
+        full = model(items)
+        last = model(items, last_only=True)
+        assert last.shape == (3, 1, 8)
+        assert torch.allclose(last, full[:, -1:], atol=1e-6)

@@ -1,0 +1,90 @@
+"""Training and evaluation speed of one process (a world of one) on a prepared dataset.
+
+    python bench/train_speed.py --config configs/beauty.yaml --data data/beauty [--profile 20]
+
+Runs one full training epoch (the real step: batches, augmentations, DeepSpeed engine, centre
+projection; no evaluation) and one full-rank validation pass, and prints one JSON line with
+``train_epoch_s`` and ``eval_s``. ``--profile N`` also prints the operators that took the time
+over N training steps (torch.profiler), for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from elcrec_dist import distributed as dist_utils
+from elcrec_dist.batching import make_train_batch
+from elcrec_dist.config import load_config
+from elcrec_dist.model import ELCRec
+from elcrec_dist.stream import StreamingDataset
+from elcrec_dist.train import build_engine, evaluate_sharded, init_centres, step_seed, train_step
+
+
+def run_steps(engine, data, config, *, limit: int | None = None) -> tuple[int, int]:
+    """Training steps of epoch 0 (all, or the first ``limit``): -> (steps, users)."""
+    steps = users = 0
+    need_views = config.loss.seq_cl_weight > 0 or config.loss.intent_cl_weight > 0
+    for global_step, rows in data.train_batches(epoch=0, rank=0, world=1, batch_size=config.train.batch_size, seed=config.train.seed):
+        seed = step_seed(config.train.seed, 0, global_step)
+        torch.manual_seed(seed)
+        batch = make_train_batch(rows.sequences, num_items=data.info.num_items, max_len=config.model.max_len,
+                                 augment=config.augment, generator=torch.Generator().manual_seed(seed), with_views=need_views)
+        train_step(engine, batch, config)
+        steps, users = steps + 1, users + len(rows)
+        if limit is not None and steps >= limit:
+            break
+    return steps, users
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps")
+    args = parser.parse_args()
+    config = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+    data = StreamingDataset.open(args.data)
+    device = dist_utils.init()
+    torch.manual_seed(config.train.seed)
+    model = ELCRec(config.model, num_items=data.info.num_items).to(device)
+    t0 = time.perf_counter()
+    init_centres(model, data, config)
+    kmeans_s = time.perf_counter() - t0
+    engine = build_engine(model, config)
+
+    run_steps(engine, data, config, limit=3)  # warm-up: allocator, threads, first-call paths
+    t0 = time.perf_counter()
+    steps, users = run_steps(engine, data, config)
+    train_epoch_s = time.perf_counter() - t0
+
+    evaluate_sharded(model, data, config, split="valid", device=device)  # warm-up
+    t0 = time.perf_counter()
+    evaluate_sharded(model, data, config, split="valid", device=device)
+    eval_s = time.perf_counter() - t0
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_steps(engine, data, config, limit=args.profile)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+
+    print(json.dumps({
+        "train_epoch_s": round(train_epoch_s, 2), "eval_s": round(eval_s, 2), "steps": steps, "users": users,
+        "step_ms": round(1000 * train_epoch_s / steps, 1), "kmeans_start_s": round(kmeans_s, 2),
+        "threads": torch.get_num_threads(), "config": args.config,
+    }))
+    dist_utils.teardown()
+
+
+if __name__ == "__main__":
+    main()
