@@ -64,7 +64,7 @@ class SelfAttention(nn.Module):
         """x: [B, T, D]; mask: additive [B, 1, T, T] (0 or MASK_VALUE). Returns [B, T, D], or
         [B, 1, D] for the newest position only when ``last_only`` (keys and values still span
         all T positions)."""
-        b, t, d = x.shape
+        b, _, d = x.shape
         queries = x[:, -1:] if last_only else x
         if last_only:
             mask = mask[:, :, -1:]
