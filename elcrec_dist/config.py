@@ -197,6 +197,12 @@ class DeepSpeedConfig:
 
     def validate(self) -> None:
         _require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
+        # At stage 0 DeepSpeed keeps bf16 master weights in an optimizer without the fp32
+        # accessors that the centres' per-step re-projection writes through (train.project_centres).
+        _require(
+            not (self.bf16 and self.zero_stage == 0),
+            "deepspeed.bf16 needs deepspeed.zero_stage 1 or 2 (the centre re-projection must reach the fp32 master copy)",
+        )
         _require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0")
 
 

@@ -152,8 +152,11 @@ def project_centres(engine: Any) -> None:
         value = F.normalize(safe_get_full_fp32_param(param).float(), dim=-1)
         safe_set_full_fp32_param(param, value)
         param.data.copy_(value.to(param.dtype))
-    else:  # plain fp32 data parallel: the parameter is the optimizer's copy
-        param.data.copy_(F.normalize(param.data.float(), dim=-1).to(param.dtype))
+    elif param.dtype == torch.float32 and any(param is p for group in engine.optimizer.param_groups for p in group["params"]):
+        # plain fp32 data parallel: the parameter is the optimizer's own copy
+        param.data.copy_(F.normalize(param.data, dim=-1))
+    else:  # never leave a master copy behind silently
+        raise RuntimeError(f"cannot re-project the centres: {type(engine.optimizer).__name__} keeps a master copy this code cannot reach")
 
 
 def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig, *, record: dict[str, torch.Tensor] | None = None) -> dict[str, float]:

@@ -82,6 +82,7 @@ def test_override_values_are_read_as_yaml() -> None:
         None,
         [
             "deepspeed.bf16=true",
+            "deepspeed.zero_stage=1",
             "eval.ks=[1, 50]",
             "eval.select_metric=HR@50",
             "data.path=s3://b/x",
@@ -281,3 +282,10 @@ def test_to_dict_round_trips_a_non_default_config_through_yaml(tmp_path: Path) -
 def test_configs_are_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().num_layers = 2  # type: ignore[misc]
+
+
+def test_bf16_without_zero_is_refused() -> None:
+    # stage 0 keeps bf16 master weights where the centre re-projection cannot reach them
+    with pytest.raises(ConfigError, match=r"deepspeed\.bf16 needs deepspeed\.zero_stage 1 or 2"):
+        load_config(None, ["deepspeed.bf16=true"])
+    assert load_config(None, ["deepspeed.bf16=true", "deepspeed.zero_stage=1"]).deepspeed.bf16 is True
