@@ -60,22 +60,21 @@ def test_train_cli_refuses_bad_config_and_missing_data(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def default_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick start's dataset: data_prep.synthetic with its defaults."""
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    proc = _run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "1500", "--items", "300", "--intents", "6", "--seed", "3"])
+    proc = _run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out)])
     assert proc.returncode == 0, proc.stderr
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_deepspeed_training_on_two_ranks_learns_and_its_checkpoint_evaluates_the_same(small_synthetic: Path, tmp_path: Path) -> None:
+def test_quick_start_run_learns_and_its_checkpoint_evaluates_the_same(default_synthetic: Path, tmp_path: Path) -> None:
+    """The README's main job exactly (demo config, 2 ranks), only the run folder moved."""
     run_dir = tmp_path / "run"
-    overrides = ["train.epochs=6", "train.patience=6", "train.batch_size=64", "train.lr=0.003", "model.num_clusters=12", "kmeans.sample_users=1000", "train.log_every=1"]
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launcher/train.py",
-           "--config", "configs/demo.yaml", "--data", str(small_synthetic), "--run-dir", str(run_dir)]
-    for o in overrides:
-        cmd += ["--set", o]
+           "--config", "configs/demo.yaml", "--data", str(default_synthetic), "--run-dir", str(run_dir), "--set", "train.log_every=1"]
     proc = _run(cmd, env={"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = _last_json(proc.stdout)
@@ -87,21 +86,32 @@ def test_deepspeed_training_on_two_ranks_learns_and_its_checkpoint_evaluates_the
     assert {k: final[k] for k in test} == test
     # The planted walk is learnable: a trained model must clearly beat ranking by popularity.
     assert test["NDCG@20"] > 2 * popularity["NDCG@20"], (test, popularity)
-    # Centres recover planted intents better than chance (NMI of nearest-centre assignment).
+    # Centres recover planted intents better than chance: NMI between the planted intent and
+    # the nearest learned centre, against the NMI of the same assignment with the planted
+    # labels shuffled over users.
     recovery = results["intent_recovery"]
-    assert recovery["intent_nmi"] > recovery["intent_nmi_chance"] + 0.05, recovery
+    assert recovery["intent_nmi"] > max(0.05, 10 * recovery["intent_nmi_chance"]), recovery
 
     # The run folder holds the resolved config, named loss terms and TensorBoard events.
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["model"]["num_clusters"] == 12 and resolved["data"]["path"] == str(small_synthetic)
+    assert resolved["model"]["num_clusters"] == 16 and resolved["data"]["path"] == str(default_synthetic)
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*logged)
-    assert {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total", "valid/NDCG@20", "test/NDCG@20"} <= names
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total", "valid/NDCG@20", "test/NDCG@20",
+            "lr", "train/sequences_per_s", "centres/mean_pairwise_cosine", "centres/norm_of_mean", "centres/dead_fraction"} <= names
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    assert {"loss/total", "valid/NDCG@20", "centres/dead_fraction"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["histograms"] == ["centres/users_per_centre"]
+    # one histogram per epoch over the 16 centres, whose counts add up to every user once
+    histograms = events.Histograms("centres/users_per_centre")
+    assert [(h.histogram_value.num, h.histogram_value.sum) for h in histograms] == [(16, 4000)] * results["epochs_run"]
 
     # The best checkpoint, evaluated by one process, gives the metrics the 2 ranks computed.
-    proc = _run([sys.executable, "launcher/evaluate.py", "--config", "configs/demo.yaml", "--data", str(small_synthetic),
-                 "--checkpoint", str(run_dir / "best_model.pt"), "--set", "model.num_clusters=12"])
+    proc = _run([sys.executable, "launcher/evaluate.py", "--config", "configs/demo.yaml", "--data", str(default_synthetic),
+                 "--checkpoint", str(run_dir / "best_model.pt")])
     assert proc.returncode == 0, proc.stderr
     alone = _last_json(proc.stdout)
     for key, value in test.items():
