@@ -86,6 +86,15 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s (picklable) ``value`` on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

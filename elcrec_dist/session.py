@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from elcrec_dist import distributed as dist_utils
@@ -22,10 +21,7 @@ from elcrec_dist.train import FitResult, popularity_and_recovery
 
 def prepare_run_dir(config: ExperimentConfig) -> Path:
     """The run folder every rank agrees on; the resolved config is written into it."""
-    chosen = [config.train.run_dir]
-    if dist.is_initialized() and dist_utils.world_size() > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    run_dir = Path(chosen[0])
+    run_dir = Path(dist_utils.broadcast_object(config.train.run_dir))
     if dist_utils.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -233,12 +233,12 @@ def fit(
     *,
     device: torch.device,
     run_log: RunLogger,
-    resume: bool = False,
+    resume: str | None = None,
 ) -> tuple[FitResult, ELCRec]:
     """Train with early stopping on validation, then evaluate the best model on test.
 
-    With ``resume`` the newest complete checkpoint of the run folder is restored (an error if
-    there is none).
+    ``resume="required"`` restores the newest complete checkpoint of the run folder (an error
+    if there is none); ``"auto"`` restores it if there is one and starts afresh otherwise.
     """
     started = time.time()
     rank, world = dist_utils.rank(), dist_utils.world_size()
@@ -247,10 +247,12 @@ def fit(
     torch.manual_seed(config.train.seed)  # the same initial model on every rank
     model = ELCRec(config.model, num_items=num_items).to(device)
     state = ckpt.TrainState(world_size=world)
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {run_dir / ckpt.CHECKPOINTS}")
+    found = ckpt.latest_checkpoint(run_dir) if resume and dist_utils.is_main() else None
+    found = dist_utils.broadcast_object(found)  # every rank resumes from rank 0's choice
+    if resume == "required" and found is None:
+        raise ckpt.CheckpointError(f"--resume: no complete checkpoint under {run_dir / ckpt.CHECKPOINTS}")
+    resuming = found is not None
+    if found is not None:
         folder, committed = found
         state = ckpt.TrainState.from_dict(committed["state"])
         if state.world_size != world:
@@ -258,7 +260,7 @@ def fit(
     else:
         run_log.log(init_centres(model, data, config), step=0)
     engine = build_engine(model, config)
-    if resume:
+    if resuming:
         engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
         logger.info("resumed from %s (epoch %d, step %d of the epoch)", folder, state.epoch, state.step_in_epoch)
         run_log.rewind(state.global_step)

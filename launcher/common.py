@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 
@@ -25,8 +26,15 @@ def print_json_line(payload: Mapping[str, object]) -> None:
     print(json.dumps(payload), flush=True)
 
 
-def run_main(main: Callable[[], int]) -> None:
-    """Run ``main`` and exit with the documented code for whatever it raised."""
+def run_main(main: Callable[[], int], *, hard_exit: bool = False) -> None:
+    """Run ``main`` and exit with the documented code for whatever it raised.
+
+    ``hard_exit`` ends the process with ``os._exit`` once output is flushed, skipping the
+    interpreter's shutdown: there, Arrow's I/O threads can drop the last reference to a Python
+    file object after the interpreter lock is gone, which aborts the process (exit 250 after a
+    successful run; seen on one of two ranks in about one run in ten). Under a scheduler that
+    turns a finished run into a retried one, so the training entry point uses it.
+    """
     try:
         code = main()
     except KeyboardInterrupt:
@@ -36,4 +44,9 @@ def run_main(main: Callable[[], int]) -> None:
         if code == 1:
             raise
         print(f"error: {exc}", file=sys.stderr)
-    sys.exit(code if code is not None else EXIT_OK)
+    code = code if code is not None else EXIT_OK
+    if hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -27,7 +27,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_arguments(parser)
     parser.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder (an error if there is none)")
+    parser.add_argument(
+        "--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
+        help="continue from the newest complete checkpoint in the run folder: an error if there is none, "
+        "or, with --resume auto, start afresh then (what a retried Kubernetes pod wants)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args()
 
@@ -67,4 +71,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, hard_exit=True)

@@ -100,3 +100,16 @@ def test_resume_without_a_checkpoint_fails_loudly(data: Path, tmp_path: Path) ->
                            "--run-dir", str(tmp_path / "empty"), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "no complete checkpoint" in proc.stderr
+
+
+def test_resume_auto_starts_afresh_without_a_checkpoint_then_resumes(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "auto"
+    base = [sys.executable, "launcher/train.py", "--config", "configs/demo.yaml", "--data", str(data), "--run-dir", str(run_dir),
+            "--resume", "auto", "--set", "train.epochs=1", "--set", "model.num_clusters=8", "--set", "kmeans.sample_users=500"]
+    first = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "resumed from" not in first.stderr
+    # the finished run's last checkpoint is at the end of epoch 0; asking for 2 epochs continues it
+    second = subprocess.run([*base, "--set", "train.epochs=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stderr and "epoch 1, step 0" in second.stderr
