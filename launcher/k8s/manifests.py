@@ -434,7 +434,9 @@ def trainer_container(spec: TrainSpec, *, name: str, indexed: bool) -> tuple[Obj
         "command": ["python", "-m", "launcher.entrypoint"],
         "args": [
             "--", "--config", f"{CONFIG_DIR}/config.yaml",
-            "--data", "$(ELCREC_DATA)", "--run-dir", "$(ELCREC_RUN_DIR)", *spec.train_args,
+            "--data", "$(ELCREC_DATA)", "--run-dir", "$(ELCREC_RUN_DIR)",
+            # a retried pod continues from the newest complete checkpoint; a first run starts afresh
+            "--resume", "auto", *spec.train_args,
         ],
         "env": env,
     }
