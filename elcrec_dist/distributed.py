@@ -7,7 +7,6 @@ On CPU (DeepSpeed's CPU accelerator) the backend is gloo; on CUDA it is NCCL. A 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,31 +16,25 @@ import torch.distributed as dist
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def init(*, local_rank: int | None = None) -> torch.device:
     """Join (or create) the process group and return this process's device."""
-    present = [name for name in REQUIRED_ENV if name in os.environ]
-    if not present:
-        # Started without a launcher: a world of one on loopback.
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-        )
-    elif len(present) != len(REQUIRED_ENV):
-        missing = [name for name in REQUIRED_ENV if name not in os.environ]
-        raise RuntimeError(f"distributed environment is incomplete: missing {', '.join(missing)}")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    present = [name for name in REQUIRED_ENV if name in os.environ]
+    if not present:
+        # Started without a launcher: a world of one. Its group lives in an in-process store,
+        # so it needs no TCP port (a probed "free" port can be taken before it is bound).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif len(present) != len(REQUIRED_ENV):
+        missing = [name for name in REQUIRED_ENV if name not in os.environ]
+        raise RuntimeError(f"distributed environment is incomplete: missing {', '.join(missing)}")
+    # With a group already in place DeepSpeed wraps it instead of creating one.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     lr = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
