@@ -27,7 +27,8 @@ def init(*, local_rank: int | None = None) -> torch.device:
     if not present:
         # Started without a launcher: a world of one. Its group lives in an in-process store,
         # so it needs no TCP port (a probed "free" port can be taken before it is bound).
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
+        # MASTER_PORT 0: a child process that inherits this environment binds any free port.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0), MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
         if not dist.is_initialized():
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     elif len(present) != len(REQUIRED_ENV):
