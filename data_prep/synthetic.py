@@ -3,6 +3,9 @@
     python -m data_prep.synthetic --output data/synthetic [--users 4000] [--items 600]
         [--intents 8] [--min-len 8] [--max-len 40] [--noise 0.1] [--seed 0] [--shards 2]
 
+    python -m data_prep.synthetic --raw-log --output logs/demo --interactions 1000000 ...
+        raw interaction logs instead, for ``python -m data_prep.build`` (``data_prep.synthetic_logs``)
+
 Generation (all draws from one ``numpy.random.Generator(PCG64(seed))``, so a seed fixes the
 bytes written):
 
@@ -249,10 +252,20 @@ def read_planted(url: str) -> PlantedIntents | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--raw-log" in given:  # raw logs: their own generator and options
+        from data_prep.synthetic_logs import main as raw_log_main
+
+        return raw_log_main([a for a in given if a != "--raw-log"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     defaults = SyntheticSpec()
+    parser.add_argument(
+        "--raw-log",
+        action="store_true",
+        help="write raw interaction logs instead (options: python -m data_prep.synthetic_logs --help)",
+    )
     parser.add_argument("--output", required=True, help="output folder (local or URL)")
     parser.add_argument("--users", type=int, default=defaults.users, help="number of users")
     parser.add_argument("--items", type=int, default=defaults.items, help="catalogue size N")

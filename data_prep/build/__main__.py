@@ -1,0 +1,5 @@
+import sys
+
+from data_prep.build.cli import main
+
+sys.exit(main())
