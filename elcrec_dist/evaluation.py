@@ -1,9 +1,10 @@
 """Full-ranking evaluation (spec: "Evaluation").
 
 Every item 1..N is a candidate; the padding id 0 never is. Items of the user's input history are
-excluded (score -inf), except the answer itself when it also occurs in the history, which keeps its
-score: a repeated purchase stays rankable instead of becoming an automatic miss. The reference run
-wrote 0 into excluded scores instead; on the benchmark files this gives the same metrics.
+excluded (they never count as ranked above the answer), except the answer itself when it also
+occurs in the history, which keeps its score: a repeated purchase stays rankable instead of
+becoming an automatic miss. The reference run wrote 0 into excluded scores instead; on the
+benchmark files (no test answer repeats a history item in Beauty) this gives the same metrics.
 
 Ties are broken pessimistically: the answer's 0-based rank is the number of *other* candidates
 whose score is >= its own, so a model that scores everything equal gets no credit.
