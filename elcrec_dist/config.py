@@ -12,6 +12,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -360,14 +361,33 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
-    tree: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``: sections merge key by key, values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | Sequence[str | Path] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Defaults, then the YAML file(s) at ``path`` (later files override earlier ones, section
+    by section: e.g. a dataset config, then a variant that only sets loss weights), then
+    ``key=value`` overrides."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    tree: dict[str, Any] = {}
+    for one in paths:
+        tree = _merge(tree, read_yaml_mapping(one))
+    source = ", ".join(str(p) for p in paths)
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)
     try:
         return config_from_dict(tree)
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
+        where = f"{source}: " if source else ""
         raise ConfigError(f"{where}{exc}") from None

@@ -12,7 +12,10 @@ from elcrec_dist.errors import EXIT_OK, exit_code_for
 
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "--config", required=True, action="append",
+        help="experiment YAML (see configs/); repeat to layer files, e.g. a dataset config then configs/variants/sasrec.yaml",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=5 (repeatable; applied after the file)",
