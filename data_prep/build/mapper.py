@@ -28,7 +28,7 @@ from data_prep.build import layout
 from data_prep.build.clean import QUARANTINE_SCHEMA, Cleaned, CleanSpec, clean_batch
 from data_prep.build.inputs import iter_batches
 from data_prep.build.keys import TEXTS_SCHEMA, bucket_of, merge_texts, texts_of
-from data_prep.build.plan import Plan
+from data_prep.build.plan import Plan, check_worker
 from data_prep.build.stats import reject_message
 from data_prep.build.store import Store, fault
 from data_prep.writer import PrepError
@@ -73,8 +73,7 @@ def run_map(
     plan: Plan, work: Store, out: Store, worker: int, workers: int, progress: Progress | None = None
 ) -> None:
     """Map worker ``worker`` of ``workers``; a no-op when its done marker exists."""
-    if not 0 <= worker < workers:
-        raise PrepError(f"--worker-index {worker} is not in 0..{workers - 1}")
+    check_worker(worker, workers)
     if work.exists(layout.map_done(worker, workers)):
         return
     work.rm(layout.map_dir(worker, workers))  # leftovers of a killed attempt

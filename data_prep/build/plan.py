@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -186,3 +187,15 @@ def describe(plan: Plan) -> str:
         f"output:  {c.output}  (work: {c.work_dir or c.output.rstrip('/') + '/_work'})",
     ]
     return "\n".join(lines)
+
+
+def check_worker(worker: int, workers: int) -> None:
+    """A worker index must lie in 0..workers-1 (Indexed Job completions)."""
+    if not 0 <= worker < workers:
+        raise PrepError(f"--worker-index {worker} is not in 0..{workers - 1}")
+
+
+def pending_units(count: int, worker: int, workers: int, done: Callable[[int], bool]) -> list[int]:
+    """Units ``worker, worker + workers, ...`` below ``count`` that are not ``done`` yet."""
+    check_worker(worker, workers)
+    return [unit for unit in range(worker, count, workers) if not done(unit)]

@@ -24,7 +24,7 @@ from data_prep.build import layout
 from data_prep.build.idmap import ItemRanks, ensure_item_table, map_markers
 from data_prep.build.keys import canonical_ints, merge_texts, natural_order, unique_keys
 from data_prep.build.mapper import TEXT_SCHEMA
-from data_prep.build.plan import Plan
+from data_prep.build.plan import Plan, pending_units
 from data_prep.build.stats import check_rejects
 from data_prep.build.store import Store, fault
 from data_prep.writer import PrepError
@@ -43,13 +43,7 @@ def run_reduce(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Reduce the buckets ``worker, worker + workers, ...``; done buckets are skipped."""
-    if not 0 <= worker < workers:
-        raise PrepError(f"--worker-index {worker} is not in 0..{workers - 1}")
-    todo = [
-        b
-        for b in range(worker, plan.buckets, workers)
-        if not work.exists(layout.reduce_name(b, "done.json"))
-    ]
+    todo = pending_units(plan.buckets, worker, workers, lambda b: work.exists(layout.reduce_name(b, "done.json")))
     if not todo:
         return
     markers = map_markers(work)

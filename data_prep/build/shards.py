@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from data_prep.build import layout
 from data_prep.build.kcore import load_bucket, load_npy, starts_of
-from data_prep.build.plan import Plan
+from data_prep.build.plan import Plan, pending_units
 from data_prep.build.stats import histogram
 from data_prep.build.store import Store, fault
 from data_prep.writer import PrepError, shard_name
@@ -38,13 +38,7 @@ def run_write(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write shards ``worker, worker + workers, ...``; written shards are skipped."""
-    if not 0 <= worker < workers:
-        raise PrepError(f"--worker-index {worker} is not in 0..{workers - 1}")
-    todo = [
-        s
-        for s in range(worker, plan.config.shards, workers)
-        if not work.exists(layout.write_done(s))
-    ]
+    todo = pending_units(plan.config.shards, worker, workers, lambda s: work.exists(layout.write_done(s)))
     if not todo:
         return
     if not work.exists(layout.KCORE_DONE):
