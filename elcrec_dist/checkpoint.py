@@ -52,6 +52,9 @@ class TrainState:
     valid_history: list[float] = field(default_factory=list)
     world_size: int = 1
     finished: bool = False
+    # wall seconds spent so far in clustering (k-means start or per-epoch k-means), training
+    # steps and validation; older checkpoints without it resume with zeros
+    seconds: dict[str, float] = field(default_factory=lambda: {"clustering": 0.0, "train": 0.0, "eval": 0.0})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,6 +60,11 @@ class ModelConfig:
     num_clusters: int = 256
     init_std: float = 0.02
     layer_norm_eps: float = 1e-12
+    # Where the intents come from. "learned": ELCRec, the centres are a parameter trained with
+    # the encoder (k-means start once, on a bounded sample). "epoch_kmeans": the ICLRec-style
+    # baseline ELCRec replaces, k-means over all training users' embeddings at the start of every
+    # epoch; the centres stay fixed (no gradient) for the epoch.
+    intents: Literal["learned", "epoch_kmeans"] = "learned"
 
     def validate(self) -> None:
         _require(self.num_layers >= 1, "model.num_layers must be >= 1")
@@ -79,13 +84,21 @@ class ModelConfig:
 class LossConfig:
     """Weights and forms of the named loss terms (spec: "Losses", item 6)."""
 
-    fusion: Literal["shift", "concat"] = "shift"
+    # Intent fusion in the sequence CL: "shift" adds the nearest centre to each time step,
+    # "concat" appends it, "none" contrasts the plain views (ICLRec's sequence CL).
+    fusion: Literal["shift", "concat", "none"] = "shift"
     seq_cl_weight: float = 0.1
     intent_cl_weight: float = 0.1
     cluster_weight: float = 1.0  # alpha in the paper
     # "all": mean over all k^2 centre pairs, diagonal included (reference run);
     # "distinct": 1/(k(k-1)) over i != j (the paper's equation).
     cluster_pairs: Literal["all", "distinct"] = "all"
+    # "published": the paper's loss (see losses.cluster_loss), which depends on the centres only
+    # through their mean. "assigned_uniform" (ours): pull each user to its nearest centre, plus
+    # a uniformity term over centre pairs (losses.assigned_uniform_cluster_loss);
+    # "balanced_uniform" (ours): the same with a balanced soft assignment (Sinkhorn, equal
+    # shares per centre) in place of the nearest centre (losses.balanced_uniform_cluster_loss).
+    cluster_form: Literal["published", "assigned_uniform", "balanced_uniform"] = "published"
     temperature: float = 1.0
     # Contrastive negatives under data parallelism: "global" gathers every rank's rows (with
     # gradient) so 2 ranks x 128 compute the loss of 1 rank x 256; "local" uses this rank's only.
@@ -227,6 +240,15 @@ class ExperimentConfig:
         _require(
             not (self.loss.cluster_pairs == "distinct" and self.model.num_clusters < 2),
             "loss.cluster_pairs=distinct needs model.num_clusters >= 2",
+        )
+        _require(
+            not (self.loss.cluster_form != "published" and self.model.num_clusters < 2),
+            f"loss.cluster_form={self.loss.cluster_form} needs model.num_clusters >= 2 (its uniformity term is over centre pairs)",
+        )
+        _require(
+            not (self.model.intents == "epoch_kmeans" and self.loss.cluster_weight > 0),
+            "model.intents=epoch_kmeans keeps the centres fixed during an epoch: set loss.cluster_weight to 0 "
+            f"(got {self.loss.cluster_weight})",
         )
 
     def to_dict(self) -> dict[str, Any]:

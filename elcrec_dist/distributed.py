@@ -64,14 +64,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sums(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """Sum a dict of floats over ranks (float64, fixed key order)."""
+def _all_reduce_dict(values: Mapping[str, float], device: torch.device, op: Any) -> dict[str, float]:
     keys = sorted(values)
     if not dist.is_initialized() or world_size() == 1:
         return {k: float(values[k]) for k in keys}
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def all_reduce_sums(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Sum a dict of floats over ranks (float64, fixed key order)."""
+    return _all_reduce_dict(values, device, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Maximum of a dict of floats over ranks (float64, fixed key order)."""
+    return _all_reduce_dict(values, device, dist.ReduceOp.MAX)
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

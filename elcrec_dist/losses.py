@@ -9,6 +9,7 @@ M rows of a contrastive batch, F features per row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -161,25 +162,127 @@ def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         return scores.argmin(dim=1)  # argmin returns the first minimum
 
 
+def assign_users(user_emb: torch.Tensor, centres: torch.Tensor, *, normalize_centres: bool = True) -> torch.Tensor:
+    """Each user's intent: the centre nearest to its L2-normalised embedding (no gradient).
+
+    user_emb [B, D], centres [k, D] -> [B] int64. The centres are normalised too unless
+    ``normalize_centres`` is False.
+    """
+    c = F.normalize(centres, dim=-1) if normalize_centres else centres
+    return nearest_centre(F.normalize(user_emb, dim=-1), c)
+
+
+def assigned_uniform_cluster_loss(
+    user_emb: torch.Tensor,
+    centres: torch.Tensor,
+    *,
+    shard: BatchShard = LOCAL,
+) -> torch.Tensor:
+    """An alternative cluster loss (ours, ``loss.cluster_form: assigned_uniform``).
+
+    ``mean_i ||ĥ_i − ĉ_{a(i)}||² + log mean_{i≠j} exp(−2 ||ĉ_i − ĉ_j||²)`` on L2-normalised rows,
+    a(i) the nearest centre of user i. The first term is the k-means objective: each user is
+    pulled to its own centre and that centre to its users (the published loss pulls every user
+    to the mean of all centres). The second is the uniformity loss of Wang & Isola (2020) over
+    distinct centre pairs: it spreads individual centres apart, where the published spread term
+    sees only their mean. user_emb [B, D], centres [k, D] (k >= 2). Under a ``shard`` the pull
+    is summed over local users and divided by B_global and the centre term (identical on every
+    rank) is divided by the world size.
+    """
+    _check(
+        user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
+        f"assigned_uniform_cluster_loss: expected user_emb [B, D] and centres [k, D], got "
+        f"{tuple(user_emb.shape)} and {tuple(centres.shape)}",
+    )
+    k = centres.shape[0]
+    _check(k >= 2, "assigned_uniform_cluster_loss: needs at least 2 centres")
+    h = F.normalize(user_emb, dim=-1)  # [B, D]
+    c = F.normalize(centres, dim=-1)  # [k, D]
+    assigned = c[nearest_centre(h.detach(), c.detach())]  # [B, D], gradient to the chosen rows
+    pull = (h - assigned).pow(2).sum(-1).sum() / shard.rows(h.shape[0])
+    return pull + uniformity(c) / shard.world
+
+
+def balanced_assignment(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Soft assignment of B users to k centres with equal shares (Sinkhorn-Knopp, as in SwAV).
+
+    scores [B, k] (cosine similarities) -> Q [B, k], float64, no gradient: rows sum to 1 (each
+    user's assignment) and, as ``iterations`` grows, every column sums to B/k (every centre
+    gets an equal share of the batch). ``epsilon`` is the entropic regularisation.
+    """
+    with torch.no_grad():
+        q = torch.exp((scores.double() - scores.max().double()) / epsilon).T  # [k, B]
+        q /= q.sum()
+        k, b = q.shape
+        for _ in range(iterations):
+            q /= q.sum(dim=1, keepdim=True) * k  # every centre's mass 1/k
+            q /= q.sum(dim=0, keepdim=True) * b  # every user's mass 1/B
+        return (q * b).T
+
+
+def balanced_uniform_cluster_loss(
+    user_emb: torch.Tensor,
+    centres: torch.Tensor,
+    *,
+    shard: BatchShard = LOCAL,
+) -> torch.Tensor:
+    """An alternative cluster loss (ours, ``loss.cluster_form: balanced_uniform``).
+
+    ``(1/B) sum_i sum_j Q_ij ||ĥ_i − ĉ_j||² + log mean_{i≠j} exp(−2 ||ĉ_i − ĉ_j||²)``, with Q the
+    balanced soft assignment of the *global* batch (``balanced_assignment`` of ĥ·ĉ, no
+    gradient). Like ``assigned_uniform`` each user is pulled to its own centres, but the
+    equal-share constraint keeps one centre from capturing every user (the hard nearest
+    assignment lets it). user_emb [B, D], centres [k, D] (k >= 2); sharding as in
+    ``assigned_uniform_cluster_loss`` (the assignment is computed on the gathered batch).
+    """
+    _check(
+        user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
+        f"balanced_uniform_cluster_loss: expected user_emb [B, D] and centres [k, D], got "
+        f"{tuple(user_emb.shape)} and {tuple(centres.shape)}",
+    )
+    _check(centres.shape[0] >= 2, "balanced_uniform_cluster_loss: needs at least 2 centres")
+    h = F.normalize(user_emb, dim=-1)  # [B, D]
+    c = F.normalize(centres, dim=-1)  # [k, D]
+    everyone = shard.gather(h.detach())  # [B_global, D]
+    q = balanced_assignment(everyone @ c.detach().T)  # [B_global, k]
+    mine = q[shard.offset : shard.offset + h.shape[0]].to(h.dtype)  # [B, k]
+    # sum_j Q_ij ||h_i − c_j||² = ||h_i||² Σ_j Q_ij + Σ_j Q_ij ||c_j||² − 2 h_i·(Q c)_i
+    per_user = h.pow(2).sum(-1) * mine.sum(-1) + mine @ c.pow(2).sum(-1) - 2.0 * (h * (mine @ c)).sum(-1)
+    pull = per_user.sum() / shard.rows(h.shape[0])
+    return pull + uniformity(c) / shard.world
+
+
+def uniformity(c: torch.Tensor) -> torch.Tensor:
+    """``log mean_{i≠j} exp(−2 ||c_i − c_j||²)`` over distinct rows of c [k, D] (Wang & Isola, 2020)."""
+    k = c.shape[0]
+    sq = c.pow(2).sum(-1)
+    pair_sq = (sq[:, None] + sq[None, :] - 2.0 * (c @ c.T)).clamp(min=0.0)  # [k, k]
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=c.device)
+    return torch.logsumexp(-2.0 * pair_sq[off_diagonal], dim=0) - math.log(k * (k - 1))
+
+
 def fuse_intents(
     view_hidden: torch.Tensor,
     centres: torch.Tensor,
-    fusion: Literal["shift", "concat"],
+    fusion: Literal["shift", "concat", "none"],
 ) -> torch.Tensor:
     """Fuse each time step with its nearest centre and flatten over time (spec item 4).
 
     view_hidden [R, T, D] (un-normalised hidden states); centres [k, D] (the raw parameter rows,
     so the fused centre receives gradient). ``shift``: ``h_t + c(h_t)`` -> [R, T·D];
-    ``concat``: ``[h_t; c(h_t)]`` per time step -> [R, T·2D].
+    ``concat``: ``[h_t; c(h_t)]`` per time step -> [R, T·2D]; ``none``: no fusion, the
+    flattened states [R, T·D] (ICLRec's sequence CL).
     """
     r, t, d = view_hidden.shape
+    if fusion == "none":
+        return view_hidden.reshape(r, -1)
     assigned = centres[nearest_centre(view_hidden.reshape(r * t, d), centres)].view(r, t, d)
     if fusion == "shift":
         fused = view_hidden + assigned
     elif fusion == "concat":
         fused = torch.cat([view_hidden, assigned], dim=-1)
     else:
-        raise ValueError(f"fuse_intents: fusion must be 'shift' or 'concat', got {fusion!r}")
+        raise ValueError(f"fuse_intents: fusion must be 'shift', 'concat' or 'none', got {fusion!r}")
     return fused.reshape(r, -1)
 
 
@@ -220,7 +323,7 @@ def seq_cl_loss(
     view_hidden: torch.Tensor,
     centres: torch.Tensor,
     *,
-    fusion: Literal["shift", "concat"],
+    fusion: Literal["shift", "concat", "none"],
     temperature: float,
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
@@ -256,20 +359,23 @@ def intent_cl_loss(
     *,
     temperature: float,
     shard: BatchShard = LOCAL,
+    normalize_centres: bool = True,
 ) -> torch.Tensor:
     """Intent contrastive loss (spec item 5).
 
     view_hidden [2B, T, D]; user_emb [B, D], the un-augmented mean-pooled embeddings;
     centres [k, D]. User i's positive is the raw centre row nearest (after L2-normalising both)
     to its embedding, so gradient reaches that row. NT-Xent of each mean-pooled view against the
-    assigned centres, averaged over the two views.
+    assigned centres, averaged over the two views. ``normalize_centres=False`` assigns to the
+    centres as they are (k-means centroids of normalised embeddings: the rule k-means itself
+    used, for the ``epoch_kmeans`` intents).
     """
     _check(
         view_hidden.shape[0] == 2 * user_emb.shape[0],
         f"intent_cl_loss: view_hidden has {view_hidden.shape[0]} rows, expected 2 x "
         f"{user_emb.shape[0]} users",
     )
-    assignment = nearest_centre(F.normalize(user_emb, dim=-1), F.normalize(centres, dim=-1))
+    assignment = assign_users(user_emb, centres, normalize_centres=normalize_centres)
     positives = centres[assignment]  # [B, D]
     view_1, view_2 = _halves(ELCRec.pooled(view_hidden))  # [B, D] each
     return 0.5 * (
@@ -320,12 +426,20 @@ def elcrec_terms(
         )
     }
     user_emb = model.pooled(hidden)  # [B, D]
+    learned = model.config.intents == "learned"  # epoch_kmeans: fixed k-means centroids
     if record is not None:
-        record["assignment"] = nearest_centre(F.normalize(user_emb.detach(), dim=-1), F.normalize(centres.detach(), dim=-1))
+        record["assignment"] = assign_users(user_emb.detach(), centres.detach(), normalize_centres=learned)
     if config.cluster_weight > 0:
-        terms["cluster"] = cluster_loss(
-            user_emb, centres, pairs=config.cluster_pairs, shard=shard
-        )
+        if config.cluster_form == "published":
+            terms["cluster"] = cluster_loss(
+                user_emb, centres, pairs=config.cluster_pairs, shard=shard
+            )
+        elif config.cluster_form == "assigned_uniform":
+            terms["cluster"] = assigned_uniform_cluster_loss(user_emb, centres, shard=shard)
+        elif config.cluster_form == "balanced_uniform":
+            terms["cluster"] = balanced_uniform_cluster_loss(user_emb, centres, shard=shard)
+        else:
+            raise ValueError(f"elcrec_terms: unknown loss.cluster_form {config.cluster_form!r}")
     if with_views:
         if config.seq_cl_weight > 0:
             terms["seq_cl"] = seq_cl_loss(
@@ -334,7 +448,8 @@ def elcrec_terms(
             )
         if config.intent_cl_weight > 0:
             terms["intent_cl"] = intent_cl_loss(
-                view_hidden, user_emb, centres, temperature=config.temperature, shard=shard
+                view_hidden, user_emb, centres, temperature=config.temperature, shard=shard,
+                normalize_centres=learned,
             )
     return terms
 

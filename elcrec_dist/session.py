@@ -47,6 +47,8 @@ def finish_run(
         "global_steps": result.global_step,
         "valid_history": result.valid_history,
         "train_seconds": seconds,
+        "time_split": {f"{name}_s": value for name, value in result.time_split.items()},
+        "peak_memory": result.peak_memory,
         "world_size": dist_utils.world_size(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -71,12 +71,16 @@ def deepspeed_config(config: ExperimentConfig, world: int) -> dict[str, Any]:
 
 
 def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
+    """The DeepSpeed engine over the objective. With ``model.intents: epoch_kmeans`` the centres
+    are frozen (set by k-means each epoch, never by the optimizer) and left out of it."""
     import deepspeed
 
+    if config.model.intents == "epoch_kmeans":
+        model.cluster_centers.requires_grad_(False)
     objective = ELCRecObjective(model, config)
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
-        model_parameters=objective.parameters(),
+        model_parameters=[p for p in objective.parameters() if p.requires_grad],
         config=deepspeed_config(config, dist_utils.world_size()),
     )
     return engine
@@ -136,6 +140,56 @@ def init_centres(model: ELCRec, data: StreamingDataset, config: ExperimentConfig
     return {"kmeans/inertia": float(inertia), "kmeans/sample_users": float(embeddings.shape[0])}
 
 
+def epoch_kmeans_seed(seed: int, epoch: int) -> int:
+    """Seed of the k-means of ``epoch`` (``model.intents: epoch_kmeans``), the same on every rank."""
+    return int(np.random.SeedSequence([seed, 0x6B6D, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def all_user_embeddings(model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> torch.Tensor:
+    """L2-normalised pooled embeddings of every training input, gathered in rank order.
+
+    Each rank embeds its evaluation share (disjoint shares that hold every user once):
+    -> [U, D] float32 on the model's device, identical on every rank.
+    """
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = model.cluster_centers.device
+    parts = [torch.zeros(0, model.config.hidden_size)]
+    for chunk in data.eval_sequences(rank=rank, world=world, batch_size=config.kmeans.batch_size):
+        parts.append(pooled_embeddings(model, chunk.sequences, batch_size=config.kmeans.batch_size))
+    local = F.normalize(torch.cat(parts), dim=-1).to(device)
+    return dist_utils.gather_rows(local, dist_utils.row_counts(local.shape[0], device))
+
+
+def refresh_intents(model: ELCRec, data: StreamingDataset, config: ExperimentConfig, *, epoch: int) -> dict[str, float]:
+    """ICLRec-style intents (``model.intents: epoch_kmeans``): k-means over **all** training
+    users at the start of ``epoch``.
+
+    Every rank embeds its share; the embeddings are gathered, rank 0 runs k-means
+    (``kmeans.iterations``, ``kmeans.restarts``, seeded by (seed, epoch)) and broadcasts the
+    centroids, which become the (frozen) centres for the epoch, unnormalised, exactly as k-means
+    returned them. Cost grows with the number of users: this is what ELCRec's learned centres
+    avoid.
+    """
+    km, k = config.kmeans, model.config.num_clusters
+    embeddings = all_user_embeddings(model, data, config)  # [U, D]
+    if embeddings.shape[0] < k:
+        raise ValueError(f"epoch k-means needs at least model.num_clusters={k} users, the dataset has {embeddings.shape[0]}")
+    device = model.cluster_centers.device
+    centres = torch.empty(model.cluster_centers.shape, dtype=torch.float32, device=device)
+    inertia = torch.zeros((), dtype=torch.float64, device=device)
+    if dist_utils.is_main():
+        generator = torch.Generator().manual_seed(epoch_kmeans_seed(config.train.seed, epoch))
+        result = kmeans(embeddings.cpu(), k, iterations=km.iterations, restarts=km.restarts, generator=generator)
+        centres.copy_(result.centres)
+        inertia.fill_(result.inertia)
+    dist_utils.broadcast_(centres)
+    dist_utils.broadcast_(inertia)
+    with torch.no_grad():
+        model.cluster_centers.copy_(centres)
+    return {"kmeans/inertia": float(inertia), "kmeans/users": float(embeddings.shape[0])}
+
+
 @torch.no_grad()
 def project_centres(engine: Any) -> None:
     """Re-project the centres onto the unit sphere after an optimizer step.
@@ -172,7 +226,8 @@ def train_step(engine: Any, batch: TrainBatch, config: ExperimentConfig, *, reco
     # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.
     engine.backward(total * shard.world)
     engine.step()
-    project_centres(engine)
+    if config.model.intents == "learned":
+        project_centres(engine)
     names = [*terms, "total"]
     values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float()])
     summed = dist_utils.global_sum(values).tolist()
@@ -225,6 +280,8 @@ class FitResult:
     valid_history: list[float] = field(default_factory=list)
     seconds: float = 0.0
     global_step: int = 0
+    time_split: dict[str, float] = field(default_factory=dict)  # clustering / train / eval seconds
+    peak_memory: dict[str, float | None] = field(default_factory=dict)
 
 
 def fit(
@@ -257,8 +314,11 @@ def fit(
         state = ckpt.TrainState.from_dict(committed["state"])
         if state.world_size != world:
             raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} ranks; this run has {world}")
-    else:
-        run_log.log(init_centres(model, data, config), step=0)
+    elif config.model.intents == "learned":  # epoch_kmeans sets the centres at every epoch start
+        t0 = time.perf_counter()
+        start = init_centres(model, data, config)
+        state.seconds["clustering"] += time.perf_counter() - t0
+        run_log.log({**start, "time/kmeans_start_s": time.perf_counter() - t0}, step=0)
     engine = build_engine(model, config)
     if resuming:
         engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
@@ -278,6 +338,13 @@ def fit(
     epochs = _progress(range(state.epoch, config.train.epochs), desc="epochs", main=dist_utils.is_main(), total=config.train.epochs - state.epoch)
     for epoch in epochs:
         state.epoch = epoch
+        clustering_s = 0.0
+        if config.model.intents == "epoch_kmeans" and state.step_in_epoch == 0:
+            t0 = time.perf_counter()  # (mid-epoch, the checkpoint holds this epoch's centres)
+            refreshed = refresh_intents(model, data, config, epoch=epoch)
+            clustering_s = time.perf_counter() - t0
+            state.seconds["clustering"] += clustering_s
+            run_log.log(refreshed, step=state.global_step)
         model.train()
         epoch_start, seen = time.time(), 0
         batches = data.train_batches(epoch=epoch, rank=rank, world=world, batch_size=config.train.batch_size, seed=config.train.seed, start_step=state.step_in_epoch)
@@ -298,16 +365,21 @@ def fit(
             if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
                 save_checkpoint(engine, config, state, run_dir)
         seconds = max(time.time() - epoch_start, 1e-9)
+        state.seconds["train"] += seconds
         total_seen = dist_utils.all_reduce_sums({"seen": float(seen)}, device)["seen"]
-        run_log.log({"train/sequences_per_s": total_seen / seconds, "train/epoch": epoch}, step=state.global_step)
+        run_log.log({"train/sequences_per_s": total_seen / seconds, "train/epoch": epoch,
+                     "time/clustering_s": clustering_s, "time/train_s": seconds}, step=state.global_step)
         wins = dist_utils.global_sum(wins)
         run_log.log(centre_stats(model.cluster_centers.detach(), wins), step=state.global_step)
         run_log.histogram("centres/users_per_centre", wins.cpu(), step=state.global_step)
         wins.zero_()
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs:
+            t0 = time.perf_counter()
             valid = evaluate_sharded(model, data, config, split="valid", device=device)
-            run_log.log({f"valid/{k}": v for k, v in valid.items()}, step=state.global_step)
+            eval_s = time.perf_counter() - t0
+            state.seconds["eval"] += eval_s
+            run_log.log({**{f"valid/{k}": v for k, v in valid.items()}, "time/eval_s": eval_s}, step=state.global_step)
             state.valid_history.append(valid[select])
             logger.info("epoch %d: valid %s = %.4f (best %.4f)", epoch, select, valid[select], max(state.best_metric, valid[select]))
             if valid[select] > state.best_metric:
@@ -328,8 +400,19 @@ def fit(
     test = evaluate_sharded(model, data, config, split="test", device=device)
     run_log.log({f"test/{k}": v for k, v in test.items()}, step=state.global_step)
     state.finished = True
-    result = FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history, time.time() - started, state.global_step)
+    result = FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history, time.time() - started,
+                       state.global_step, time_split=dict(state.seconds), peak_memory=peak_memory(device))
     return result, model
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak memory of the busiest rank: resident set (MiB) and, on CUDA, the allocator's peak."""
+    import resource
+
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else -1.0
+    peak = dist_utils.all_reduce_max({"rss_mib": rss_mib, "cuda_mib": cuda_mib}, device)
+    return {"rss_mib": peak["rss_mib"], "cuda_max_allocated_mib": peak["cuda_mib"] if peak["cuda_mib"] >= 0 else None}
 
 
 def save_model_file(path: Path, model: ELCRec, config: ExperimentConfig, meta: dict[str, Any]) -> None:

@@ -1,0 +1,165 @@
+"""The alternative cluster losses (issue 6, "beyond the paper") against naive loops, their
+sharded form, and the property that sets them apart from the published loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from elcrec_dist.config import ConfigError, LossConfig, ModelConfig, config_from_dict
+from elcrec_dist.losses import (
+    BatchShard,
+    TrainBatch,
+    assigned_uniform_cluster_loss,
+    balanced_assignment,
+    balanced_uniform_cluster_loss,
+    cluster_loss,
+    elcrec_terms,
+    fuse_intents,
+    seq_cl_loss,
+)
+from elcrec_dist.model import ELCRec
+from tests.test_losses import naive_nt_xent, randn, rotation_fixing, sq_dist, unit
+
+
+def naive_uniformity(centres: torch.Tensor) -> float:
+    cs = [unit(c) for c in centres]
+    k = len(cs)
+    total = sum(math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j)
+    return math.log(total / (k * (k - 1)))
+
+
+def naive_assigned_uniform(user_emb: torch.Tensor, centres: torch.Tensor) -> float:
+    cs = [unit(c) for c in centres]
+    pull = 0.0
+    for u in user_emb:
+        h = unit(u)
+        pull += min(sq_dist(h, c) for c in cs)  # the nearest centre's squared distance
+    return pull / len(user_emb) + naive_uniformity(centres)
+
+
+def naive_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> list[list[float]]:
+    """SwAV's Sinkhorn-Knopp written out with lists: rows = users, columns = centres."""
+    b, k = scores.shape
+    top = max(float(x) for x in scores.flatten())
+    q = [[math.exp((float(scores[i, j]) - top) / epsilon) for j in range(k)] for i in range(b)]
+    total = sum(map(sum, q))
+    q = [[x / total for x in row] for row in q]
+    for _ in range(iterations):
+        for j in range(k):  # every centre's mass 1/k
+            col = sum(q[i][j] for i in range(b))
+            for i in range(b):
+                q[i][j] /= col * k
+        for i in range(b):  # every user's mass 1/B
+            row = sum(q[i])
+            q[i] = [x / (row * b) for x in q[i]]
+    return [[x * b for x in row] for row in q]
+
+
+def naive_balanced_uniform(user_emb: torch.Tensor, centres: torch.Tensor) -> float:
+    hs, cs = [unit(u) for u in user_emb], [unit(c) for c in centres]
+    scores = torch.tensor([[float(h @ c) for c in cs] for h in hs], dtype=torch.float64)
+    q = naive_sinkhorn(scores, 0.05, 3)
+    pull = sum(q[i][j] * sq_dist(h, c) for i, h in enumerate(hs) for j, c in enumerate(cs))
+    return pull / len(hs) + naive_uniformity(centres)
+
+
+def simulated_shards(x: torch.Tensor, c: torch.Tensor, loss, world: int) -> torch.Tensor:
+    """Sum of every simulated rank's contribution. Each rank's ``gather`` returns what every rank
+    would pass, with its own rows live: the one tensor these losses gather is the batch's
+    L2-normalised embeddings (balanced_uniform's assignment)."""
+    parts = list(x.chunk(world))
+    total = torch.zeros((), dtype=x.dtype)
+    offset = 0
+    for r, mine in enumerate(parts):
+        def gather(t: torch.Tensor, r: int = r) -> torch.Tensor:
+            return torch.cat([t if i == r else torch.nn.functional.normalize(p, dim=-1).detach() for i, p in enumerate(parts)])
+
+        shard = BatchShard(world=world, offset=offset, global_rows=x.shape[0], gather=gather)
+        total = total + loss(mine, c, shard=shard)
+        offset += mine.shape[0]
+    return total
+
+
+def test_assigned_uniform_matches_loop() -> None:
+    user_emb, centres = randn(9, 5, seed=1), randn(4, 5, seed=2)
+    got = assigned_uniform_cluster_loss(user_emb, centres)
+    assert got.item() == pytest.approx(naive_assigned_uniform(user_emb, centres), rel=1e-12)
+
+
+def test_balanced_assignment_matches_loop_and_balances() -> None:
+    scores = torch.nn.functional.normalize(randn(12, 5, seed=3), dim=-1) @ torch.nn.functional.normalize(randn(4, 5, seed=4), dim=-1).T
+    got = balanced_assignment(scores, epsilon=0.05, iterations=3)
+    want = torch.tensor(naive_sinkhorn(scores, 0.05, 3), dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-12)  # rows: exact
+    many = balanced_assignment(scores, epsilon=0.05, iterations=500)
+    assert torch.allclose(many.sum(0), torch.full((4,), 12 / 4, dtype=torch.float64), atol=1e-6)  # equal shares
+    hard = scores.argmax(1)
+    assert torch.bincount(hard, minlength=4).max() > 3  # the plain nearest assignment is unbalanced
+
+
+def test_balanced_uniform_matches_loop() -> None:
+    user_emb, centres = randn(10, 5, seed=5), randn(4, 5, seed=6)
+    got = balanced_uniform_cluster_loss(user_emb, centres)
+    assert got.item() == pytest.approx(naive_balanced_uniform(user_emb, centres), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss", [assigned_uniform_cluster_loss, balanced_uniform_cluster_loss])
+def test_rank_contributions_sum_to_the_global_loss_and_gradient(loss) -> None:
+    user_emb, centres = randn(12, 5, seed=7), randn(4, 5, seed=8)
+    x1, c1 = user_emb.clone().requires_grad_(), centres.clone().requires_grad_()
+    whole = loss(x1, c1)
+    whole.backward()
+    x2, c2 = user_emb.clone().requires_grad_(), centres.clone().requires_grad_()
+    split = simulated_shards(x2, c2, loss, world=3)
+    split.backward()
+    assert split.item() == pytest.approx(whole.item(), rel=1e-12)
+    assert torch.allclose(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(c2.grad, c1.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", [assigned_uniform_cluster_loss, balanced_uniform_cluster_loss])
+def test_alternatives_see_individual_centres_where_the_published_loss_sees_their_mean(loss) -> None:
+    """Rotating the centres about their mean leaves the published loss unchanged (the spec's
+    derivation) but changes the alternatives, and their gradient differs between centres."""
+    user_emb = torch.nn.functional.normalize(randn(8, 6, seed=9), dim=-1)
+    centres = torch.nn.functional.normalize(randn(5, 6, seed=10), dim=-1)
+    rotated = centres @ rotation_fixing(centres.mean(0), angle=1.1, seed=11).T
+    assert cluster_loss(user_emb, rotated, pairs="all").item() == pytest.approx(cluster_loss(user_emb, centres, pairs="all").item(), abs=1e-12)
+    assert abs(loss(user_emb, rotated).item() - loss(user_emb, centres).item()) > 1e-3
+
+
+def test_fusion_none_contrasts_the_flattened_views() -> None:
+    view_hidden, centres = randn(6, 3, 4, seed=12), randn(3, 4, seed=13)
+    flat = fuse_intents(view_hidden, centres, "none")
+    assert torch.equal(flat, view_hidden.reshape(6, 12))
+    got = seq_cl_loss(view_hidden, centres, fusion="none", temperature=1.0)
+    assert got.item() == pytest.approx(naive_nt_xent(view_hidden[:3].reshape(3, 12), view_hidden[3:].reshape(3, 12), 1.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("form", ["assigned_uniform", "balanced_uniform"])
+def test_elcrec_terms_use_the_configured_cluster_form(form: str) -> None:
+    torch.manual_seed(0)
+    model = ELCRec(ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3), num_items=12).double()
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, 13, (4, 5), generator=g)
+    batch = TrainBatch(inputs, torch.randint(1, 13, (4, 5), generator=g), torch.randint(1, 13, (4, 5), generator=g),
+                       torch.randint(0, 13, (8, 5), generator=g))
+    model.eval()
+    terms = elcrec_terms(model, batch, LossConfig(cluster_form=form))  # type: ignore[arg-type]
+    direct = {"assigned_uniform": assigned_uniform_cluster_loss, "balanced_uniform": balanced_uniform_cluster_loss}[form]
+    want = direct(model.pooled(model(inputs)), model.cluster_centers)
+    assert terms["cluster"].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_config_rules_for_the_new_options() -> None:
+    with pytest.raises(ConfigError, match="model.intents=epoch_kmeans.*loss.cluster_weight"):
+        config_from_dict({"model": {"intents": "epoch_kmeans"}, "loss": {"cluster_weight": 1.0}})
+    with pytest.raises(ConfigError, match="cluster_form=balanced_uniform needs model.num_clusters >= 2"):
+        config_from_dict({"model": {"num_clusters": 1}, "loss": {"cluster_form": "balanced_uniform"}})
+    with pytest.raises(ConfigError, match="loss.cluster_form"):
+        config_from_dict({"loss": {"cluster_form": "soft"}})
+    assert config_from_dict({"loss": {"fusion": "none"}}).loss.fusion == "none"
