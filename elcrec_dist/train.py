@@ -180,7 +180,8 @@ def refresh_intents(model: ELCRec, data: StreamingDataset, config: ExperimentCon
     inertia = torch.zeros((), dtype=torch.float64, device=device)
     if dist_utils.is_main():
         generator = torch.Generator().manual_seed(epoch_kmeans_seed(config.train.seed, epoch))
-        result = kmeans(embeddings.cpu(), k, iterations=km.iterations, restarts=km.restarts, generator=generator)
+        # on the model's device (ICLRec ran faiss on the GPU); the generator stays on the CPU
+        result = kmeans(embeddings, k, iterations=km.iterations, restarts=km.restarts, generator=generator)
         centres.copy_(result.centres)
         inertia.fill_(result.inertia)
     dist_utils.broadcast_(centres)

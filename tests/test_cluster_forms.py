@@ -156,10 +156,10 @@ def test_elcrec_terms_use_the_configured_cluster_form(form: str) -> None:
 
 
 def test_config_rules_for_the_new_options() -> None:
-    with pytest.raises(ConfigError, match="model.intents=epoch_kmeans.*loss.cluster_weight"):
+    with pytest.raises(ConfigError, match=r"model\.intents=epoch_kmeans.*loss\.cluster_weight"):
         config_from_dict({"model": {"intents": "epoch_kmeans"}, "loss": {"cluster_weight": 1.0}})
-    with pytest.raises(ConfigError, match="cluster_form=balanced_uniform needs model.num_clusters >= 2"):
+    with pytest.raises(ConfigError, match=r"cluster_form=balanced_uniform needs model\.num_clusters >= 2"):
         config_from_dict({"model": {"num_clusters": 1}, "loss": {"cluster_form": "balanced_uniform"}})
-    with pytest.raises(ConfigError, match="loss.cluster_form"):
+    with pytest.raises(ConfigError, match=r"loss\.cluster_form"):
         config_from_dict({"loss": {"cluster_form": "soft"}})
     assert config_from_dict({"loss": {"fusion": "none"}}).loss.fusion == "none"
