@@ -38,7 +38,6 @@ import math
 import posixpath
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -47,10 +46,9 @@ import pyarrow.parquet as pq
 
 from data_prep.benchmark import MIN_ITEMS
 from data_prep.writer import PrepError, write_prepared_dataset
-from elcrec_dist.prepared import DatasetError, _fs_and_root, read_info
+from elcrec_dist.planted import PLANTED_SCHEMA
 
 PLANTED_NAME = "planted_intents.parquet"
-PLANTED_SCHEMA = pa.schema([("user_id", pa.int64()), ("intent", pa.int32())])
 GENERATOR_NAME = "intent-walk-v1"  # bump when the draws change: same name + seed -> same data
 WALK_STEPS = (1, 2, 3)  # from slice position p the walk goes to p+1, p+2 or p+3 (mod slice size)
 MIN_SLICE = max(WALK_STEPS) + 1  # successors distinct from each other and from the item itself
@@ -201,54 +199,6 @@ def write_synthetic(url: str, spec: SyntheticSpec, *, shards: int = 2) -> dict:
     return write_prepared_dataset(
         url, table, num_items=spec.items, shards=shards, extra=extra, before_commit=write_sidecar
     )
-
-
-class PlantedIntents(NamedTuple):
-    """Planted intent per user of a synthetic dataset, sorted by user id.
-
-    A plain pair, so ``dict(zip(*planted))`` gives a {user_id: intent} mapping too.
-    """
-
-    user_ids: np.ndarray  # [U] int64, ascending
-    intents: np.ndarray  # [U] int32, in 0..K-1
-
-    def for_users(self, user_ids: np.ndarray) -> np.ndarray:
-        """Intents [B] int32 of the given user ids (any order); an unknown id is a KeyError."""
-        ids = np.asarray(user_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.user_ids, ids), len(self.user_ids) - 1)
-        missing = self.user_ids[pos] != ids
-        if missing.any():
-            raise KeyError(f"no planted intent for user id {int(ids[missing][0])}")
-        return self.intents[pos]
-
-
-def read_planted(url: str) -> PlantedIntents | None:
-    """The planted intents of the dataset at ``url``, checked against its manifest.
-
-    None when the manifest names no planted-intent file (e.g. a benchmark import): having no
-    planted intents is a normal state, not an error. A named file that is missing, changed or
-    malformed is a ``DatasetError``, as is a folder without a manifest.
-    """
-    info = read_info(url)  # the manifest commits the folder: no manifest, no sidecar to trust
-    extra = dict(info.extra)
-    name = extra.get("planted_intents_file")
-    if not name:
-        return None
-    fs, root = _fs_and_root(url)
-    path = posixpath.join(root, name)
-    if not fs.exists(path):
-        raise DatasetError(f"{url}: manifest names {name}, which is missing")
-    with fs.open(path, "rb") as handle:
-        data = handle.read()
-    if hashlib.sha256(data).hexdigest() != extra.get("planted_intents_sha256"):
-        raise DatasetError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
-    table = pq.read_table(pa.BufferReader(data))
-    if table.schema != PLANTED_SCHEMA:
-        raise DatasetError(f"{path}: schema {table.schema} is not {PLANTED_SCHEMA}")
-    user_ids = table.column("user_id").to_numpy()
-    intents = table.column("intent").to_numpy()
-    order = np.argsort(user_ids, kind="stable")
-    return PlantedIntents(user_ids=user_ids[order], intents=intents[order])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from elcrec_dist.errors import PermanentError
 from elcrec_dist.prepared import (
     ARROW_SCHEMA,
     MANIFEST_NAME,
@@ -21,7 +22,7 @@ from elcrec_dist.prepared import (
 )
 
 
-class PrepError(ValueError):
+class PrepError(PermanentError, ValueError):
     """Bad input to a data-preparation job. Permanent: retrying will not help."""
 
 

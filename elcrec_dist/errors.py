@@ -14,14 +14,18 @@ EXIT_PERMANENT = 2
 EXIT_RETRYABLE = 75
 
 
+class PermanentError(Exception):
+    """Base for errors of other packages (e.g. ``data_prep.writer.PrepError``) that retrying
+    cannot fix; the library's own permanent errors are listed in ``permanent_error_types``."""
+
+
 def permanent_error_types() -> tuple[type[BaseException], ...]:
-    from data_prep.writer import PrepError
     from elcrec_dist.checkpoint import CheckpointError
     from elcrec_dist.config import ConfigError
     from elcrec_dist.prepared import DatasetError
     from elcrec_dist.reference import ReferenceError
 
-    return (ConfigError, DatasetError, ReferenceError, CheckpointError, PrepError)
+    return (PermanentError, ConfigError, DatasetError, ReferenceError, CheckpointError)
 
 
 def exit_code_for(exc: BaseException) -> int:

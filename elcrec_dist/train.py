@@ -443,11 +443,10 @@ def popularity_and_recovery(model: ELCRec, data: StreamingDataset, config: Exper
     """Diagnostics for results.json: a most-popular baseline (test) and, on planted-intent data,
     how well the centres recover the planted intents (on the bounded k-means sample)."""
     from elcrec_dist.diagnostics import intent_recovery, popularity_metrics_sharded
+    from elcrec_dist.planted import read_planted
 
     rank, world = dist_utils.rank(), dist_utils.world_size()
     out: dict[str, Any] = {"popularity_test": popularity_metrics_sharded(data, config, rank=rank, world=world, device=device)}
-    from data_prep.synthetic import read_planted
-
     planted = read_planted(data.url)
     if planted is not None and dist_utils.is_main():
         sample = data.sample_sequences(rank=0, world=1, count=config.kmeans.sample_users, seed=config.train.seed + 1)

@@ -15,9 +15,9 @@ from data_prep.synthetic import (
     PLANTED_NAME,
     generate,
     main,
-    read_planted,
     slice_bounds,
 )
+from elcrec_dist.planted import read_planted
 from elcrec_dist.prepared import MANIFEST_NAME, DatasetError, load_sequences
 
 SMALL = ["--users", "500", "--items", "120", "--intents", "4", "--seed", "3"]
