@@ -34,6 +34,8 @@ def init(*, local_rank: int | None = None) -> torch.device:
     elif len(present) != len(REQUIRED_ENV):
         missing = [name for name in REQUIRED_ENV if name not in os.environ]
         raise RuntimeError(f"distributed environment is incomplete: missing {', '.join(missing)}")
+    if accelerator.device_name() == "cpu":
+        skip_shm_allreduce_op()
     # With a group already in place DeepSpeed wraps it instead of creating one.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     lr = int(os.environ["LOCAL_RANK"])
@@ -45,6 +47,24 @@ def init(*, local_rank: int | None = None) -> torch.device:
         return torch.device("cpu")
     accelerator.set_device(lr)
     return torch.device(accelerator.device_name(), lr)
+
+
+def skip_shm_allreduce_op() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
+
+    DeepSpeed 0.19's torch backend JIT-compiles that op when it starts (about 90 s the first
+    time, again whenever the build environment changes) and maps a 66 MB buffer per rank in
+    /dev/shm named after the master address and port, which it never unlinks: every run on a
+    new port leaves them behind (a day of tests filled 19 GB of /dev/shm and the OOM killer
+    stepped in). Only ``inference_all_reduce`` uses the op, with a torch.distributed fallback;
+    training's all-reduce never does, so not building it changes no number.
+    """
+    import importlib
+
+    # not ``import deepspeed.comm.torch as m``: the package's ``torch`` attribute is torch itself
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):  # a later DeepSpeed without it builds nothing here
+        setattr(ds_torch, "build_shm_op", lambda: None)  # noqa: B010
 
 
 def rank() -> int:

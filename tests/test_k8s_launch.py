@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds per run on two cores, large enough for several optimizer steps.
 OVERRIDES = ["train.epochs=1", "train.batch_size=64", "kmeans.sample_users=200", "kmeans.restarts=1",
              "kmeans.iterations=3", "model.num_clusters=4"]
-TIMING = re.compile(r"(per_s|seconds|_time|finished_at)")
+TIMING = re.compile(r"(per_s|seconds|_time|finished_at|time_split|time/|peak_memory)")
 
 
 def free_port() -> int:
