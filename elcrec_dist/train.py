@@ -318,8 +318,9 @@ def fit(
     elif config.model.intents == "learned":  # epoch_kmeans sets the centres at every epoch start
         t0 = time.perf_counter()
         start = init_centres(model, data, config)
-        state.seconds["clustering"] += time.perf_counter() - t0
-        run_log.log({**start, "time/kmeans_start_s": time.perf_counter() - t0}, step=0)
+        start_s = time.perf_counter() - t0
+        state.seconds["clustering"] += start_s
+        run_log.log({**start, "time/kmeans_start_s": start_s}, step=0)
     engine = build_engine(model, config)
     if resuming:
         engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
