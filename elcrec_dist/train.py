@@ -126,18 +126,30 @@ def init_centres(model: ELCRec, data: StreamingDataset, config: ExperimentConfig
     embeddings = dist_utils.gather_rows(local, counts)  # [S, D] on every rank
     if embeddings.shape[0] < k:
         raise ValueError(f"k-means start needs at least model.num_clusters={k} users, the sample has {embeddings.shape[0]}")
-    centres = torch.empty_like(model.cluster_centers)
+    inertia = _centres_from_kmeans(model, embeddings, config, seed=config.train.seed, on_cpu=True, normalize=True)
+    return {"kmeans/inertia": inertia, "kmeans/sample_users": float(embeddings.shape[0])}
+
+
+def _centres_from_kmeans(model: ELCRec, embeddings: torch.Tensor, config: ExperimentConfig, *,
+                         seed: int, on_cpu: bool, normalize: bool) -> float:
+    """Rank 0 clusters ``embeddings`` [M, D] (the same on every rank) into the model's k centres
+    (``kmeans.iterations``, ``kmeans.restarts``, a CPU generator seeded with ``seed``; on the CPU
+    or on the embeddings' device), optionally L2-normalised; they are broadcast and written into
+    the centre parameter on every rank. Returns the k-means inertia."""
+    km, device = config.kmeans, model.cluster_centers.device
+    centres = torch.empty(model.cluster_centers.shape, dtype=torch.float32, device=device)
     inertia = torch.zeros((), dtype=torch.float64, device=device)
     if dist_utils.is_main():
-        generator = torch.Generator().manual_seed(config.train.seed)
-        result = kmeans(embeddings.cpu(), k, iterations=km.iterations, restarts=km.restarts, generator=generator)
-        centres.copy_(F.normalize(result.centres, dim=-1))
+        generator = torch.Generator().manual_seed(seed)
+        points = embeddings.cpu() if on_cpu else embeddings
+        result = kmeans(points, model.config.num_clusters, iterations=km.iterations, restarts=km.restarts, generator=generator)
+        centres.copy_(F.normalize(result.centres, dim=-1) if normalize else result.centres)
         inertia.fill_(result.inertia)
     dist_utils.broadcast_(centres)
     dist_utils.broadcast_(inertia)
     with torch.no_grad():
         model.cluster_centers.copy_(centres)
-    return {"kmeans/inertia": float(inertia), "kmeans/sample_users": float(embeddings.shape[0])}
+    return float(inertia)
 
 
 def epoch_kmeans_seed(seed: int, epoch: int) -> int:
@@ -171,24 +183,13 @@ def refresh_intents(model: ELCRec, data: StreamingDataset, config: ExperimentCon
     returned them. Cost grows with the number of users: this is what ELCRec's learned centres
     avoid.
     """
-    km, k = config.kmeans, model.config.num_clusters
+    k = model.config.num_clusters
     embeddings = all_user_embeddings(model, data, config)  # [U, D]
     if embeddings.shape[0] < k:
         raise ValueError(f"epoch k-means needs at least model.num_clusters={k} users, the dataset has {embeddings.shape[0]}")
-    device = model.cluster_centers.device
-    centres = torch.empty(model.cluster_centers.shape, dtype=torch.float32, device=device)
-    inertia = torch.zeros((), dtype=torch.float64, device=device)
-    if dist_utils.is_main():
-        generator = torch.Generator().manual_seed(epoch_kmeans_seed(config.train.seed, epoch))
-        # on the model's device (ICLRec ran faiss on the GPU); the generator stays on the CPU
-        result = kmeans(embeddings, k, iterations=km.iterations, restarts=km.restarts, generator=generator)
-        centres.copy_(result.centres)
-        inertia.fill_(result.inertia)
-    dist_utils.broadcast_(centres)
-    dist_utils.broadcast_(inertia)
-    with torch.no_grad():
-        model.cluster_centers.copy_(centres)
-    return {"kmeans/inertia": float(inertia), "kmeans/users": float(embeddings.shape[0])}
+    # on the model's device (ICLRec ran faiss on the GPU); centroids kept as k-means returns them
+    inertia = _centres_from_kmeans(model, embeddings, config, seed=epoch_kmeans_seed(config.train.seed, epoch), on_cpu=False, normalize=False)
+    return {"kmeans/inertia": inertia, "kmeans/users": float(embeddings.shape[0])}
 
 
 @torch.no_grad()
