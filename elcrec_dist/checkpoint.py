@@ -158,3 +158,28 @@ def load_model(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or not {"model", "config", "meta"} <= set(payload):
         raise CheckpointError(f"{path}: not an elcrec-dist model checkpoint")
     return payload
+
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of module weights (data parallel: one)
+OBJECTIVE_PREFIX = "model."  # the engine wraps the model as ``ELCRecObjective.model``
+
+
+def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights from a model file (``best_model.pt``) or a committed training
+    checkpoint folder (``RUN/checkpoints/step-N``), named like ``ELCRec.state_dict()``, fp32.
+
+    A folder counts only when its manifest verifies (``verify``). Under bf16 its module weights
+    are DeepSpeed's bf16 working copy, not the fp32 master partition, so they are rounded.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if verify(path) is None:
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)")
+        states = path / MODEL_STATES
+        if not states.is_file():
+            raise CheckpointError(f"{path}: the checkpoint has no {MODEL_STATES}")
+        module = torch.load(states, map_location="cpu", weights_only=True).get("module")
+        if not isinstance(module, dict) or not all(k.startswith(OBJECTIVE_PREFIX) for k in module):
+            raise CheckpointError(f"{states}: no module weights named {OBJECTIVE_PREFIX}*")
+        return {k[len(OBJECTIVE_PREFIX):]: v.float() for k, v in module.items()}
+    return {k: v.float() for k, v in load_model(path)["model"].items()}

@@ -3,6 +3,7 @@
     python launcher/evaluate.py --config configs/beauty.yaml --data DIR \
         --import-reference ../shared/reference/ELCRec-Beauty-1.pt
     python launcher/evaluate.py --config configs/demo.yaml --data DIR --checkpoint RUN/best_model.pt
+    python launcher/evaluate.py --config configs/demo.yaml --data DIR --checkpoint RUN/checkpoints/step-00000420
 
 Prints the metrics as one JSON object on the last stdout line.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elcrec_dist.checkpoint import load_model
+from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import ConfigError, load_config
 from elcrec_dist.evaluation import evaluate
 from elcrec_dist.model import ELCRec
@@ -29,7 +30,8 @@ def main() -> int:
     config_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--import-reference", metavar="PT", help="a published ELCRec state_dict")
-    source.add_argument("--checkpoint", metavar="PT", help="a model checkpoint written by launcher/train.py")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="RUN/best_model.pt, or a committed training checkpoint folder RUN/checkpoints/step-N")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     args = parser.parse_args()
 
@@ -42,8 +44,7 @@ def main() -> int:
     if args.import_reference:
         load_reference(args.import_reference, model)
     else:
-        payload = load_model(args.checkpoint)
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(load_model_weights(args.checkpoint))
     metrics = evaluate(model, sequences, split=args.split, ks=config.eval.ks, batch_size=config.eval.batch_size)
     print_json_line(metrics)
     return 0

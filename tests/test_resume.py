@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from elcrec_dist.checkpoint import load_model_weights
+from elcrec_dist.config import load_config
+from elcrec_dist.model import ELCRec
+
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.epochs=2", "train.batch_size=64", "train.checkpoint_every=5", "train.keep_checkpoints=3",
              "train.log_every=1", "model.num_clusters=8", "kmeans.sample_users=500"]
@@ -91,6 +95,12 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data: Path, tmp_path
     assert model_a.keys() == model_b.keys()
     for name in model_a:
         assert torch.equal(model_a[name], model_b[name]), name
+    # the committed folder also serves as a model source (launcher/evaluate.py --checkpoint)
+    newest = sorted((straight / "checkpoints").glob("step-*"))[-1]
+    weights = load_model_weights(newest)
+    assert weights.keys() == ELCRec(load_config(REPO / "configs" / "demo.yaml", OVERRIDES).model, num_items=200).state_dict().keys()
+    for name, value in weights.items():
+        assert torch.equal(value, model_a["model." + name]), name
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (straight, broken))
     assert ra["test"] == rb["test"] and ra["valid_history"] == rb["valid_history"]
 
