@@ -1,0 +1,186 @@
+"""Two models on the same users: metrics, their difference, and how much of it the test set decides.
+
+    python bench/compare_models.py --config configs/beauty.yaml --data data/beauty \
+        --model ours=runs/beauty-full/best_model.pt \
+        --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \
+        [--split test] [--resamples 2000] [--seed 0]
+
+Each ``--model NAME=SOURCE`` is a model file written by ``launcher/train.py``
+(``RUN/best_model.pt``), a committed training checkpoint folder (``RUN/checkpoints/step-N``),
+or ``reference:PATH``, a published ELCRec state_dict (loaded with ``weights_only=True``). Every model ranks every user of ``--split`` by full ranking, exactly as
+``launcher/evaluate.py`` does; the per-user values (HR@k, NDCG@k, MRR) are kept.
+
+The first model is compared with each other one by a **paired bootstrap over users**: the users
+are resampled with replacement ``--resamples`` times and, on each resample, both models' means
+are taken over the *same* users. Reported per metric: each model's mean, the relative difference
+``mean_first / mean_other - 1`` and its 95 % interval (2.5th and 97.5th percentiles over
+resamples), and the interval of the first model's own metric. The interval says how far the
+metric moves with the choice of test users alone, for a fixed model; it says nothing about
+training noise (another seed trains another model).
+
+Prints one JSON object as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from elcrec_dist.checkpoint import load_model_weights
+from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
+from elcrec_dist.data import Split, eval_batch
+from elcrec_dist.evaluation import answer_ranks
+from elcrec_dist.model import ELCRec
+from elcrec_dist.prepared import load_sequences
+from elcrec_dist.reference import load_reference
+from launcher.common import config_arguments, print_json_line, run_main
+
+REFERENCE_PREFIX = "reference:"
+
+
+def parse_model_argument(text: str) -> tuple[str, str]:
+    """``NAME=SOURCE`` -> (name, source); a clear error for anything else."""
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise ConfigError(f"--model {text!r}: expected NAME=CHECKPOINT or NAME=reference:PATH")
+    return name, source
+
+
+def load_compared_model(source: str, config: ExperimentConfig, num_items: int) -> ELCRec:
+    """A model from our checkpoint file or, with the ``reference:`` prefix, a published one."""
+    model = ELCRec(config.model, num_items=num_items)
+    if source.startswith(REFERENCE_PREFIX):
+        load_reference(source[len(REFERENCE_PREFIX):], model)
+    else:
+        model.load_state_dict(load_model_weights(source))
+    return model.eval()
+
+
+@torch.no_grad()
+def user_ranks(model: ELCRec, sequences: Sequence[np.ndarray], *, split: Split, batch_size: int) -> np.ndarray:
+    """0-based full-ranking rank of every user's answer (the rule of ``answer_ranks``). -> [U]."""
+    model.eval()
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = eval_batch(sequences[start : start + batch_size], split, model.config.max_len)
+        hidden = model(batch.inputs, last_only=True)
+        scores = model.score_all(model.user_vector(hidden)).float()
+        out.append(answer_ranks(scores, batch.answers, batch.history).numpy())
+    return np.concatenate(out)
+
+
+def per_user_values(ranks: np.ndarray, ks: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """Per-user HR@k, NDCG@k (each k) and MRR from 0-based ranks [U] -> (names, [U, M] float64).
+
+    Column means are the metrics ``elcrec_dist.evaluation`` reports.
+    """
+    r = ranks.astype(np.float64)
+    names: list[str] = []
+    columns: list[np.ndarray] = []
+    for k in ks:
+        hit = (r < k).astype(np.float64)
+        names += [f"HR@{k}", f"NDCG@{k}"]
+        columns += [hit, hit / np.log2(r + 2.0)]
+    names.append("MRR")
+    columns.append(1.0 / (r + 1.0))
+    return names, np.stack(columns, axis=1)
+
+
+def bootstrap_indices(users: int, resamples: int, seed: int, *, chunk: int = 100) -> np.ndarray:
+    """All resamples' user indices, [resamples, users] int32, from one seed."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.integers(0, users, size=(min(chunk, resamples - s), users), dtype=np.int32)
+             for s in range(0, resamples, chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, users), dtype=np.int32)
+
+
+def paired_bootstrap(first: np.ndarray, other: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means of both models over each resample of users.
+
+    first, other: [U, M] per-user values of the same users in the same order; indices:
+    [R, U] resampled user indices. Returns (first_means, other_means), each [R, M].
+    """
+    if first.shape != other.shape:
+        raise ValueError(f"per-user values differ in shape: {first.shape} vs {other.shape}")
+    first_means = np.stack([first[row].mean(axis=0) for row in indices]) if len(indices) else np.zeros((0, first.shape[1]))
+    other_means = np.stack([other[row].mean(axis=0) for row in indices]) if len(indices) else np.zeros((0, first.shape[1]))
+    return first_means, other_means
+
+
+def interval(values: np.ndarray) -> list[float]:
+    """95 % percentile interval of [R] values."""
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def compare(names: list[str], first: np.ndarray, other: np.ndarray, indices: np.ndarray) -> dict[str, dict[str, object]]:
+    """Per metric: both means, relative difference first/other - 1 and bootstrap intervals."""
+    first_means, other_means = paired_bootstrap(first, other, indices)
+    result: dict[str, dict[str, object]] = {}
+    for m, name in enumerate(names):
+        a, b = float(first[:, m].mean()), float(other[:, m].mean())
+        entry: dict[str, object] = {"first": a, "other": b, "relative": a / b - 1.0 if b else None}
+        if len(indices):
+            ok = other_means[:, m] > 0
+            entry["relative_95"] = interval(first_means[ok, m] / other_means[ok, m] - 1.0)
+            entry["first_95"] = interval(first_means[:, m])
+        result[name] = entry
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_arguments(parser)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
+                        help="a model to compare (at least two); the first is compared with each other")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the users (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    args = parser.parse_args()
+    if len(args.model) < 2:
+        raise ConfigError("--model: give at least two models to compare")
+    if args.resamples < 0:
+        raise ConfigError(f"--resamples must be >= 0, got {args.resamples}")
+    models = [parse_model_argument(text) for text in args.model]
+    if len({name for name, _ in models}) != len(models):
+        raise ConfigError("--model: names must be distinct")
+
+    config = load_config(args.config, args.overrides)
+    data = args.data or config.data.path
+    if not data:
+        raise ConfigError("no dataset: pass --data or set data.path")
+    info, _, sequences = load_sequences(data)
+    values: dict[str, np.ndarray] = {}
+    names: list[str] = []
+    for name, source in models:
+        model = load_compared_model(source, config, info.num_items)
+        ranks = user_ranks(model, sequences, split=args.split, batch_size=config.eval.batch_size)
+        names, values[name] = per_user_values(ranks, config.eval.ks)
+    indices = bootstrap_indices(len(sequences), args.resamples, args.seed)
+    (first_name, _), *others = models
+    report: dict[str, object] = {
+        "split": args.split,
+        "users": len(sequences),
+        "resamples": args.resamples,
+        "metrics": {name: dict(zip(names, (float(v) for v in values[name].mean(axis=0)), strict=True)) for name, _ in models},
+        "comparisons": {f"{first_name} vs {other}": compare(names, values[first_name], values[other], indices) for other, _ in others},
+    }
+    for other, _ in others:
+        print(f"{first_name} vs {other} ({args.split}, {len(sequences)} users, {args.resamples} paired resamples):")
+        for metric, entry in report["comparisons"][f"{first_name} vs {other}"].items():  # type: ignore[index]
+            band = entry.get("relative_95")
+            extra = f"  95% [{band[0]:+.1%}, {band[1]:+.1%}]" if band else ""
+            print(f"  {metric:8s} {entry['first']:.4f} vs {entry['other']:.4f}  {entry['relative']:+.1%}{extra}")
+    print_json_line(report)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,154 @@
+"""``bench/compare_models.py``: per-user metrics, the paired bootstrap, and the entry point."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from elcrec_dist.config import load_config
+from elcrec_dist.evaluation import metric_sums, naive_answer_rank
+from elcrec_dist.model import ELCRec
+from elcrec_dist.train import save_model_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("compare_models", REPO / "bench" / "compare_models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_models"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = _load()
+
+
+def test_per_user_values_average_to_the_reported_metrics() -> None:
+    ranks = np.array([0, 1, 4, 5, 19, 20, 100, 3])
+    names, values = cm.per_user_values(ranks, (5, 20))
+    sums = metric_sums(torch.from_numpy(ranks), (5, 20))
+    assert names == ["HR@5", "NDCG@5", "HR@20", "NDCG@20", "MRR"]
+    for column, name in enumerate(names):
+        assert values[:, column].sum() == pytest.approx(sums[name], rel=1e-12)
+    # by hand: rank 4 is a hit at 5 with gain 1/log2(6); rank 5 is not
+    assert values[2, 1] == pytest.approx(1 / math.log2(6)) and values[3, 1] == 0.0
+
+
+def test_paired_bootstrap_equals_a_naive_loop() -> None:
+    rng = random.Random(3)
+    users, metrics = 37, 3
+    first = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
+    other = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
+    indices = cm.bootstrap_indices(users, 25, seed=7, chunk=4)
+    assert indices.shape == (25, users) and indices.min() >= 0 and indices.max() < users
+    means_a, means_b = cm.paired_bootstrap(first, other, indices)
+    for r, row in enumerate(indices.tolist()):
+        for m in range(metrics):
+            assert means_a[r, m] == pytest.approx(sum(first[u][m] for u in row) / users, rel=1e-12)
+            assert means_b[r, m] == pytest.approx(sum(other[u][m] for u in row) / users, rel=1e-12)
+    # the same seed draws the same users however it is chunked
+    assert np.array_equal(indices, cm.bootstrap_indices(users, 25, seed=7, chunk=25))
+
+
+def test_identical_models_differ_by_exactly_nothing() -> None:
+    values = np.random.default_rng(0).random((50, 2)) + 0.1
+    result = cm.compare(["a", "b"], values, values.copy(), cm.bootstrap_indices(50, 40, seed=1))
+    for entry in result.values():
+        assert entry["relative"] == 0.0 and entry["relative_95"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("text", ["ours", "=x.pt", "ours=", ""])
+def test_bad_model_arguments_are_named(text: str) -> None:
+    with pytest.raises(ValueError, match="NAME=CHECKPOINT"):
+        cm.parse_model_argument(text)
+
+
+def _ranks_by_loop(model: ELCRec, sequences, split: str) -> list[int]:
+    """The answer rank of each user, one user at a time through ``naive_answer_rank``."""
+    cut = 2 if split == "valid" else 1
+    ranks = []
+    with torch.no_grad():
+        for seq in sequences:
+            history, answer = [int(x) for x in seq[:-cut]], int(seq[-cut])
+            window = torch.zeros(1, model.config.max_len, dtype=torch.int64)
+            tail = history[-model.config.max_len:]
+            window[0, model.config.max_len - len(tail):] = torch.tensor(tail)
+            scores = model.score_all(model(window)[:, -1])[0].tolist()
+            ranks.append(naive_answer_rank(scores, answer, history))
+    return ranks
+
+
+def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path) -> None:
+    config = load_config(REPO / "configs" / "demo.yaml")
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(tmp_path / "data"),
+                    "--users", "60", "--items", "40"], check=True, cwd=REPO, capture_output=True)
+    from elcrec_dist.prepared import load_sequences
+
+    info, _, sequences = load_sequences(str(tmp_path / "data"))
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = ELCRec(config.model, num_items=info.num_items).eval()
+        assert cm.user_ranks(model, sequences, split="test", batch_size=16).tolist() == _ranks_by_loop(model, sequences, "test")
+        paths.append(tmp_path / f"m{seed}.pt")
+        save_model_file(paths[-1], model, config, {"seed": seed})
+
+    out = subprocess.run(
+        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(tmp_path / "data"),
+         "--model", f"one={paths[0]}", "--model", f"two={paths[1]}", "--split", "valid", "--resamples", "30"],
+        check=True, cwd=REPO, capture_output=True, text=True,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    evaluated = []
+    for path in paths:
+        res = subprocess.run([sys.executable, "launcher/evaluate.py", "--config", "configs/demo.yaml", "--data",
+                              str(tmp_path / "data"), "--checkpoint", str(path), "--split", "valid"],
+                             check=True, cwd=REPO, capture_output=True, text=True)
+        evaluated.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    for name, expected in zip(("one", "two"), evaluated, strict=True):
+        for metric, value in expected.items():
+            assert report["metrics"][name][metric] == pytest.approx(value, abs=1e-12)
+    entry = report["comparisons"]["one vs two"]["NDCG@20"]
+    assert entry["relative"] == pytest.approx(evaluated[0]["NDCG@20"] / evaluated[1]["NDCG@20"] - 1)
+    low, high = entry["relative_95"]
+    assert low <= high
+
+
+def test_a_single_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(tmp_path),
+         "--model", "one=x.pt"], cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and "at least two models" in out.stderr
+
+
+def test_checkpoint_folders_are_model_sources_only_when_complete(tmp_path: Path) -> None:
+    from elcrec_dist import checkpoint as ckpt
+
+    config = load_config(REPO / "configs" / "demo.yaml")
+    model = ELCRec(config.model, num_items=30)
+    folder = tmp_path / "step-00000007"
+    folder.mkdir()
+    torch.save({"module": {"model." + k: v for k, v in model.state_dict().items()}}, folder / ckpt.MODEL_STATES)
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.load_model_weights(folder)  # no manifest yet
+    ckpt.commit(folder, state=ckpt.TrainState(), config={})
+    weights = ckpt.load_model_weights(folder)
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    with open(folder / ckpt.MODEL_STATES, "ab") as handle:  # changed after the commit
+        handle.write(b"x")
+    with pytest.raises(ckpt.CheckpointError, match="its files changed"):
+        ckpt.load_model_weights(folder)
