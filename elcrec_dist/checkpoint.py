@@ -55,6 +55,9 @@ class TrainState:
     # wall seconds spent so far in clustering (k-means start or per-epoch k-means), training
     # steps and validation; older checkpoints without it resume with zeros
     seconds: dict[str, float] = field(default_factory=lambda: {"clustering": 0.0, "train": 0.0, "eval": 0.0})
+    # users won by each centre so far in ``epoch`` (summed over ranks), for the epoch's centre
+    # statistics; a checkpoint from before this field resumes the epoch's counts from zero
+    centre_wins: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

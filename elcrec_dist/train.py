@@ -258,7 +258,8 @@ def metric_names(config: ExperimentConfig) -> list[str]:
 @torch.no_grad()
 def centre_stats(centres: torch.Tensor, wins: torch.Tensor) -> dict[str, float]:
     """Centre health: mean pairwise cosine (off-diagonal), norm of the mean of the normalised
-    centres (the only thing the published cluster loss sees), share of centres that won no user.
+    centres (the only thing the published cluster loss sees), share of centres that won no user,
+    and the largest centre's share of the users (1.0 when every user picks one centre: collapse).
 
     centres [k, D]; wins [k] users assigned to each centre over the last epoch.
     """
@@ -270,6 +271,7 @@ def centre_stats(centres: torch.Tensor, wins: torch.Tensor) -> dict[str, float]:
         "centres/mean_pairwise_cosine": float(off_diagonal),
         "centres/norm_of_mean": float(c.mean(0).norm()),
         "centres/dead_fraction": float((wins == 0).float().mean()),
+        "centres/largest_share": float(wins.max() / wins.sum()) if float(wins.sum()) > 0 else 0.0,
     }
 
 
@@ -337,6 +339,8 @@ def fit(
     every = config.train.checkpoint_every
     best_path = run_dir / "best_model.pt"
     wins = torch.zeros(config.model.num_clusters, dtype=torch.float64, device=device)
+    if state.centre_wins and dist_utils.is_main():  # mid-epoch resume: the counts so far, once
+        wins += torch.tensor(state.centre_wins, dtype=torch.float64, device=device)
     stopped_early = False
     epochs = _progress(range(state.epoch, config.train.epochs), desc="epochs", main=dist_utils.is_main(), total=config.train.epochs - state.epoch)
     for epoch in epochs:
@@ -366,6 +370,7 @@ def fit(
             if state.global_step % config.train.log_every == 0:
                 run_log.log({**terms, "lr": config.train.lr}, step=state.global_step)
             if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
+                state.centre_wins = [int(n) for n in dist_utils.global_sum(wins).tolist()]
                 save_checkpoint(engine, config, state, run_dir)
         seconds = max(time.time() - epoch_start, 1e-9)
         state.seconds["train"] += seconds
@@ -376,7 +381,7 @@ def fit(
         run_log.log(centre_stats(model.cluster_centers.detach(), wins), step=state.global_step)
         run_log.histogram("centres/users_per_centre", wins.cpu(), step=state.global_step)
         wins.zero_()
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.epoch, state.step_in_epoch, state.centre_wins = epoch + 1, 0, []
         if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.epochs:
             t0 = time.perf_counter()
             valid = evaluate_sharded(model, data, config, split="valid", device=device)

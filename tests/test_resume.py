@@ -55,6 +55,12 @@ def _losses(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
+def _centre_stats(run_dir: Path) -> list[dict[str, float]]:
+    """The centre statistics of every epoch, in order (they count the users each centre won)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k.startswith("centres/")} for row in rows if "centres/dead_fraction" in row]
+
+
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     return torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
@@ -91,6 +97,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data: Path, tmp_path
 
     a, b = _losses(straight), _losses(broken)
     assert sorted(a) == list(range(1, 39)) and a == b  # 2 epochs x 19 steps, bitwise equal floats
+    # epoch 0 was cut at step 10: its centre statistics still count the users of all 19 steps
+    stats_a, stats_b = _centre_stats(straight), _centre_stats(broken)
+    assert len(stats_a) == 2 and stats_a == stats_b
     model_a, model_b = _final_model(straight), _final_model(broken)
     assert model_a.keys() == model_b.keys()
     for name in model_a:

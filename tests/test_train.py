@@ -145,3 +145,5 @@ def test_centre_stats_by_hand() -> None:
     # normalised: (1,0), (0,1), (1,0) -> mean (2/3, 1/3), norm sqrt(5)/3
     assert stats["centres/norm_of_mean"] == pytest.approx(5**0.5 / 3)
     assert stats["centres/dead_fraction"] == pytest.approx(1 / 3)
+    assert stats["centres/largest_share"] == pytest.approx(5 / 6)
+    assert centre_stats(centres, torch.zeros(3))["centres/largest_share"] == 0.0
