@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -93,25 +93,34 @@ def per_user_values(ranks: np.ndarray, ks: Sequence[int]) -> tuple[list[str], np
     return names, np.stack(columns, axis=1)
 
 
-def bootstrap_indices(users: int, resamples: int, seed: int, *, chunk: int = 100) -> np.ndarray:
-    """All resamples' user indices, [resamples, users] int32, from one seed."""
+def resample_counts(users: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Each bootstrap resample as how often it draws each user: [users] int64 per resample.
+
+    Resample r draws ``users`` indices uniformly with replacement, the r-th
+    ``default_rng(seed).integers(0, users, users)`` call; counts keep memory at O(users).
+    """
     rng = np.random.default_rng(seed)
-    parts = [rng.integers(0, users, size=(min(chunk, resamples - s), users), dtype=np.int32)
-             for s in range(0, resamples, chunk)]
-    return np.concatenate(parts) if parts else np.zeros((0, users), dtype=np.int32)
+    for _ in range(resamples):
+        yield np.bincount(rng.integers(0, users, users), minlength=users)
 
 
-def paired_bootstrap(first: np.ndarray, other: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def paired_bootstrap(first: np.ndarray, other: np.ndarray, counts: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Means of both models over each resample of users.
 
-    first, other: [U, M] per-user values of the same users in the same order; indices:
-    [R, U] resampled user indices. Returns (first_means, other_means), each [R, M].
+    first, other: [U, M] per-user values of the same users in the same order; counts: one
+    [U] vector per resample (``resample_counts``). Returns (first_means, other_means), each
+    [R, M].
     """
     if first.shape != other.shape:
         raise ValueError(f"per-user values differ in shape: {first.shape} vs {other.shape}")
-    first_means = np.stack([first[row].mean(axis=0) for row in indices]) if len(indices) else np.zeros((0, first.shape[1]))
-    other_means = np.stack([other[row].mean(axis=0) for row in indices]) if len(indices) else np.zeros((0, first.shape[1]))
-    return first_means, other_means
+    users, metrics = first.shape
+    first_means, other_means = [], []
+    for count in counts:
+        first_means.append(count @ first / users)
+        other_means.append(count @ other / users)
+    if not first_means:
+        return np.zeros((0, metrics)), np.zeros((0, metrics))
+    return np.stack(first_means), np.stack(other_means)
 
 
 def interval(values: np.ndarray) -> list[float]:
@@ -120,14 +129,14 @@ def interval(values: np.ndarray) -> list[float]:
     return [float(low), float(high)]
 
 
-def compare(names: list[str], first: np.ndarray, other: np.ndarray, indices: np.ndarray) -> dict[str, dict[str, object]]:
+def compare(names: list[str], first: np.ndarray, other: np.ndarray, *, resamples: int, seed: int) -> dict[str, dict[str, object]]:
     """Per metric: both means, relative difference first/other - 1 and bootstrap intervals."""
-    first_means, other_means = paired_bootstrap(first, other, indices)
+    first_means, other_means = paired_bootstrap(first, other, resample_counts(len(first), resamples, seed))
     result: dict[str, dict[str, object]] = {}
     for m, name in enumerate(names):
         a, b = float(first[:, m].mean()), float(other[:, m].mean())
         entry: dict[str, object] = {"first": a, "other": b, "relative": a / b - 1.0 if b else None}
-        if len(indices):
+        if resamples:
             ok = other_means[:, m] > 0
             entry["relative_95"] = interval(first_means[ok, m] / other_means[ok, m] - 1.0)
             entry["first_95"] = interval(first_means[:, m])
@@ -163,14 +172,13 @@ def main() -> int:
         model = load_compared_model(source, config, info.num_items)
         ranks = user_ranks(model, sequences, split=args.split, batch_size=config.eval.batch_size)
         names, values[name] = per_user_values(ranks, config.eval.ks)
-    indices = bootstrap_indices(len(sequences), args.resamples, args.seed)
     (first_name, _), *others = models
     report: dict[str, object] = {
         "split": args.split,
         "users": len(sequences),
         "resamples": args.resamples,
         "metrics": {name: dict(zip(names, (float(v) for v in values[name].mean(axis=0)), strict=True)) for name, _ in models},
-        "comparisons": {f"{first_name} vs {other}": compare(names, values[first_name], values[other], indices) for other, _ in others},
+        "comparisons": {f"{first_name} vs {other}": compare(names, values[first_name], values[other], resamples=args.resamples, seed=args.seed) for other, _ in others},
     }
     for other, _ in others:
         print(f"{first_name} vs {other} ({args.split}, {len(sequences)} users, {args.resamples} paired resamples):")

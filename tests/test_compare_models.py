@@ -48,23 +48,22 @@ def test_per_user_values_average_to_the_reported_metrics() -> None:
 
 def test_paired_bootstrap_equals_a_naive_loop() -> None:
     rng = random.Random(3)
-    users, metrics = 37, 3
+    users, metrics, resamples = 37, 3, 25
     first = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
     other = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
-    indices = cm.bootstrap_indices(users, 25, seed=7, chunk=4)
-    assert indices.shape == (25, users) and indices.min() >= 0 and indices.max() < users
-    means_a, means_b = cm.paired_bootstrap(first, other, indices)
-    for r, row in enumerate(indices.tolist()):
+    means_a, means_b = cm.paired_bootstrap(first, other, cm.resample_counts(users, resamples, seed=7))
+    assert means_a.shape == means_b.shape == (resamples, metrics)
+    draws = np.random.default_rng(7)  # resample r = the r-th draw of `users` indices
+    for r in range(resamples):
+        row = draws.integers(0, users, users).tolist()
         for m in range(metrics):
             assert means_a[r, m] == pytest.approx(sum(first[u][m] for u in row) / users, rel=1e-12)
             assert means_b[r, m] == pytest.approx(sum(other[u][m] for u in row) / users, rel=1e-12)
-    # the same seed draws the same users however it is chunked
-    assert np.array_equal(indices, cm.bootstrap_indices(users, 25, seed=7, chunk=25))
 
 
 def test_identical_models_differ_by_exactly_nothing() -> None:
     values = np.random.default_rng(0).random((50, 2)) + 0.1
-    result = cm.compare(["a", "b"], values, values.copy(), cm.bootstrap_indices(50, 40, seed=1))
+    result = cm.compare(["a", "b"], values, values.copy(), resamples=40, seed=1)
     for entry in result.values():
         assert entry["relative"] == 0.0 and entry["relative_95"] == [0.0, 0.0]
 
