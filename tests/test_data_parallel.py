@@ -3,14 +3,12 @@ and ranks stay bitwise identical over many steps, centres included."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import deepspeed_command, deepspeed_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "dp_step.py"
@@ -19,19 +17,11 @@ NO_DROPOUT = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _launch(out: Path, ranks: int, *, steps: int = 1, overrides: list[str] = ()) -> list[dict]:
-    port = _free_port()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(WORKER), "--out", str(out), "--steps", str(steps)]
+    cmd, port = deepspeed_command(WORKER, "--out", str(out), "--steps", str(steps), ranks=ranks)
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=deepspeed_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # DeepSpeed's shared-memory all-reduce op (never unlinked) is not built: nothing left behind
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launch import deepspeed_command
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_BEAUTY = {"HR@5": 0.0529, "NDCG@5": 0.0355, "HR@10": 0.0762, "NDCG@10": 0.0429, "HR@20": 0.1079, "NDCG@20": 0.0509}
@@ -26,12 +26,6 @@ def _run(args: list[str], *, timeout: int = 600, env: dict[str, str] | None = No
 def _last_json(stdout: str) -> dict[str, object]:
     """The last JSON line. Under the deepspeed launcher the launcher's own exit messages follow it."""
     return json.loads([line for line in stdout.strip().splitlines() if line.startswith("{")][-1])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -73,8 +67,8 @@ def default_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_quick_start_run_learns_and_its_checkpoint_evaluates_the_same(default_synthetic: Path, tmp_path: Path) -> None:
     """The README's main job exactly (demo config, 2 ranks), only the run folder moved."""
     run_dir = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launcher/train.py",
-           "--config", "configs/demo.yaml", "--data", str(default_synthetic), "--run-dir", str(run_dir), "--set", "train.log_every=1"]
+    cmd, _ = deepspeed_command("launcher/train.py", "--config", "configs/demo.yaml", "--data", str(default_synthetic),
+                               "--run-dir", str(run_dir), "--set", "train.log_every=1")
     proc = _run(cmd, env={"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = _last_json(proc.stdout)

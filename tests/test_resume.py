@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import deepspeed_command, deepspeed_env
 
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import load_config
@@ -26,22 +26,11 @@ OVERRIDES = ["train.epochs=2", "train.batch_size=64", "train.checkpoint_every=5"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cmd(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launcher/train.py",
-           "--config", "configs/demo.yaml", "--data", str(data), "--run-dir", str(run_dir), *extra]
+    cmd, _ = deepspeed_command("launcher/train.py", "--config", "configs/demo.yaml", "--data", str(data), "--run-dir", str(run_dir), *extra)
     for o in OVERRIDES:
         cmd += ["--set", o]
     return cmd
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], "DS_ACCELERATOR": "cpu"}
 
 
 def _losses(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -76,13 +65,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    proc = subprocess.run(_cmd(data, straight), cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(_cmd(data, straight), cwd=REPO, capture_output=True, text=True, timeout=600, env=deepspeed_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     broken = tmp_path / "broken"
     # 1200 users / 64 = 19 steps per epoch: step 10 is mid-epoch 0
     marker = broken / "checkpoints" / "step-00000010" / "COMMITTED.json"
-    victim = subprocess.Popen(_cmd(data, broken), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    victim = subprocess.Popen(_cmd(data, broken), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=deepspeed_env(), start_new_session=True)
     deadline = time.time() + 300
     while not marker.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -91,7 +80,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data: Path, tmp_path
     victim.wait()
     assert not (broken / "results.json").exists()
 
-    proc = subprocess.run(_cmd(data, broken, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(_cmd(data, broken, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=600, env=deepspeed_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
 
