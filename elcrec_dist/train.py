@@ -341,8 +341,13 @@ def fit(
     wins = torch.zeros(config.model.num_clusters, dtype=torch.float64, device=device)
     if state.centre_wins and dist_utils.is_main():  # mid-epoch resume: the counts so far, once
         wins += torch.tensor(state.centre_wins, dtype=torch.float64, device=device)
-    stopped_early = False
-    epochs = _progress(range(state.epoch, config.train.epochs), desc="epochs", main=dist_utils.is_main(), total=config.train.epochs - state.epoch)
+    # A run killed after its last checkpoint (early stop already reached) only has the test
+    # evaluation left; training on would add epochs the uninterrupted run never trained.
+    stopped_early = resuming and state.bad_evals >= config.train.patience
+    if stopped_early:
+        logger.info("training had stopped early (best epoch %d); evaluating the best model on test", state.best_epoch)
+    last = state.epoch if stopped_early else config.train.epochs
+    epochs = _progress(range(state.epoch, last), desc="epochs", main=dist_utils.is_main(), total=max(last - state.epoch, 0))
     for epoch in epochs:
         state.epoch = epoch
         clustering_s = 0.0

@@ -121,3 +121,25 @@ def test_resume_auto_starts_afresh_without_a_checkpoint_then_resumes(data: Path,
     second = subprocess.run([*base, "--set", "train.epochs=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stderr and "epoch 1, step 0" in second.stderr
+
+
+def test_a_run_killed_after_its_early_stop_only_finishes(data: Path, tmp_path: Path) -> None:
+    """Killed between the last checkpoint and results.json: the resumed run trains nothing more."""
+    run_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "launcher/train.py", "--config", "configs/demo.yaml", "--data", str(data), "--run-dir", str(run_dir),
+           "--set", "train.epochs=30", "--set", "train.patience=1", "--set", "train.lr=0.05", "--set", "train.log_every=1",
+           "--set", "model.num_clusters=8", "--set", "kmeans.sample_users=500"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = json.loads((run_dir / "results.json").read_text())
+    assert before["epochs_run"] < 30, "the setup must stop early to test this"
+    losses = _losses(run_dir)
+    (run_dir / "results.json").unlink()  # as if killed before writing it
+
+    again = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "training had stopped early" in again.stderr
+    after = json.loads((run_dir / "results.json").read_text())
+    assert _losses(run_dir) == losses  # not one step more
+    for key in ("test", "best_epoch", "epochs_run", "valid_history"):
+        assert after[key] == before[key], key
