@@ -24,6 +24,17 @@ def setup_console(*, main: bool) -> None:
     logger.setLevel(logging.INFO if main else logging.WARNING)
 
 
+# Rows written after training ends (test metrics of the best model, baselines): never before
+# the last checkpoint.
+END_OF_RUN = ("test/", "baseline/")
+
+
+def _kept(row: dict[str, Any], step: int) -> bool:
+    if row["step"] != step:
+        return bool(row["step"] < step)
+    return not any(name.startswith(END_OF_RUN) for name in row if name != "step")
+
+
 class RunLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool) -> None:
         self.enabled = enabled
@@ -49,14 +60,16 @@ class RunLogger:
         self._jsonl.flush()
 
     def rewind(self, step: int) -> None:
-        """Forget everything logged after ``step`` (a resumed run logs those steps again)."""
+        """Forget everything logged after ``step`` (a resumed run logs those steps again), and the
+        end-of-run rows (``END_OF_RUN``) at ``step`` itself: they follow the last checkpoint, so a
+        run resumed from it logs them again. TensorBoard keeps its events at ``step``."""
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self._jsonl.close()
         path = self.run_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _kept(json.loads(line), step)]
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(path)

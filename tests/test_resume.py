@@ -141,5 +141,7 @@ def test_a_run_killed_after_its_early_stop_only_finishes(data: Path, tmp_path: P
     assert "training had stopped early" in again.stderr
     after = json.loads((run_dir / "results.json").read_text())
     assert _losses(run_dir) == losses  # not one step more
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("test/NDCG@20" in row for row in rows) == 1  # the first process's test row was rewound
     for key in ("test", "best_epoch", "epochs_run", "valid_history"):
         assert after[key] == before[key], key
