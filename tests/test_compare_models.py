@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 from elcrec_dist.config import load_config
 from elcrec_dist.evaluation import metric_sums, naive_answer_rank
@@ -23,16 +22,7 @@ from elcrec_dist.train import save_model_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_models", REPO / "bench" / "compare_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_models"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = _load()
+cm = load_bench_script("compare_models")
 
 
 def test_per_user_values_average_to_the_reported_metrics() -> None:

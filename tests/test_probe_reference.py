@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import random
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from bench_scripts import load_bench_script
 
 from elcrec_dist.config import load_config
 from elcrec_dist.model import ELCRec
@@ -17,17 +15,7 @@ from elcrec_dist.model import ELCRec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load() -> ModuleType:
-    sys.path.insert(0, str(REPO / "bench"))  # the probe imports its sibling compare_models
-    spec = importlib.util.spec_from_file_location("probe_reference", REPO / "bench" / "probe_reference.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["probe_reference"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pr = _load()
+pr = load_bench_script("probe_reference")
 
 
 def test_masked_sets_exactly_floor_ratio_n_positions_to_the_token() -> None:

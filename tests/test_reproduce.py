@@ -3,7 +3,6 @@ the report block and its numbers, resuming/skipping runs and failures, and one t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,24 +10,15 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from bench_scripts import load_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rp = _load_harness()
+rp = load_bench_script("reproduce")
 
 # The structure of shared/docs/elcrec-method.md, with figures of our own (so nothing can pass by
 # matching the real ones by accident). Another table comes first; sentences wrap across lines.
