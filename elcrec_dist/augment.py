@@ -11,8 +11,11 @@ left-padded with 0 / truncated to the newest ``max_len`` items, exactly like a p
 - reorder: shuffle (uniform permutation) a random contiguous window of
            ``floor(reorder_ratio * n)`` items; everything outside the window is unchanged.
 
-Departure from the reference run: its crop and reorder draw the start from ``0 .. n - w - 1``, so
-the newest window is never chosen (and a ratio of 1.0 fails); here every valid start is drawn.
+Where windows start (``augment.window_starts``): the reference run draws a crop or reorder start
+from ``0 .. n - w - 1`` whenever ``w = floor(ratio * n) >= 1``, so the newest window is never
+chosen (a crop of ``floor(ratio * n) = 0`` keeps one item from any start); ``"reference"``
+reproduces that draw, except that a window as long as the input (ratio 1.0, where the reference
+fails) has its one start. The default ``"all"`` draws every valid start, newest window included.
 ``floor`` is taken in float64, like Python's ``int(ratio * n)`` in the reference.
 
 ``two_views`` is the batched path the trainer uses (torch ops over the whole batch, randomness
@@ -37,11 +40,17 @@ from elcrec_dist.config import AugmentConfig
 # --------------------------------------------------------------------------------------------
 
 
-def naive_crop(seq: list[int], ratio: float, rng: random.Random) -> list[int]:
+def _naive_last_start(n: int, width: int, reference: bool) -> int:
+    """Largest start drawn for a window of ``width`` (>= 1 in the reference rule) of n items."""
+    return max(0, n - width - 1) if reference else n - width
+
+
+def naive_crop(seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False) -> list[int]:
     """A random contiguous window of ``max(1, floor(ratio * n))`` items of ``seq``."""
     n = len(seq)
-    width = max(1, math.floor(ratio * n))
-    start = rng.randint(0, n - width)  # inclusive: every valid start
+    raw = math.floor(ratio * n)
+    width = max(1, raw)
+    start = rng.randint(0, _naive_last_start(n, width, reference_starts and raw >= 1))  # inclusive
     return seq[start : start + width]
 
 
@@ -53,11 +62,11 @@ def naive_mask(seq: list[int], ratio: float, rng: random.Random) -> list[int]:
     return out
 
 
-def naive_reorder(seq: list[int], ratio: float, rng: random.Random) -> list[int]:
+def naive_reorder(seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False) -> list[int]:
     """``seq`` with a random contiguous window of ``floor(ratio * n)`` items shuffled."""
     n = len(seq)
     width = math.floor(ratio * n)
-    start = rng.randint(0, n - width)
+    start = rng.randint(0, _naive_last_start(n, width, reference_starts and width >= 1))
     window = seq[start : start + width]
     rng.shuffle(window)
     return seq[:start] + window + seq[start + width :]
@@ -77,10 +86,13 @@ def _floor_count(ratio: float, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_start(
-    lengths: torch.Tensor, widths: torch.Tensor, generator: torch.Generator
+    lengths: torch.Tensor, widths: torch.Tensor, generator: torch.Generator, *, newest: torch.Tensor | bool = True
 ) -> torch.Tensor:
-    """Start uniform over ``0 .. n - w`` per row. -> [R] int64."""
+    """Start uniform over ``0 .. n - w`` per row, or ``0 .. n - w - 1`` where ``newest`` is False
+    (at least the one start 0). -> [R] int64."""
     choices = lengths - widths + 1  # >= 1
+    if newest is not True:
+        choices = torch.where(torch.as_tensor(newest, device=choices.device), choices, (choices - 1).clamp(min=1))
     u = torch.rand(lengths.shape, dtype=torch.float64, generator=generator, device=lengths.device)
     # The clamp guards the (measure-zero) rounding of u * choices up to choices.
     return torch.minimum((u * choices).to(torch.int64), choices - 1)
@@ -89,8 +101,10 @@ def _uniform_start(
 def _crop(
     rows: torch.Tensor, lengths: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    width = _floor_count(config.crop_ratio, lengths).clamp(min=1)  # [R]
-    start = _uniform_start(lengths, width, generator)  # [R]
+    raw = _floor_count(config.crop_ratio, lengths)  # [R]
+    width = raw.clamp(min=1)
+    newest = True if config.window_starts == "all" else raw < 1  # reference: only 1-item crops reach it
+    start = _uniform_start(lengths, width, generator, newest=newest)  # [R]
     total = rows.shape[1]
     columns = torch.arange(total, device=rows.device)[None, :]  # [1, L]
     # Output column c holds window item (w - 1) - (L - 1 - c); its column in the input is
@@ -120,7 +134,8 @@ def _reorder(
     rows: torch.Tensor, lengths: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
     width = _floor_count(config.reorder_ratio, lengths)  # [R], may be 0 (then a no-op)
-    start = _uniform_start(lengths, width, generator)
+    newest = True if config.window_starts == "all" else width < 1
+    start = _uniform_start(lengths, width, generator, newest=newest)
     total = rows.shape[1]
     columns = torch.arange(total, device=rows.device)[None, :]
     first = total - lengths[:, None] + start[:, None]  # first window column, [R, 1]

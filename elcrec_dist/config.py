@@ -118,8 +118,15 @@ class AugmentConfig:
     mask_ratio: float = 0.7
     reorder_ratio: float = 0.2
     methods: tuple[str, ...] = ("crop", "mask", "reorder")
+    # Where crop and reorder windows may start: "all" draws every valid start; "reference" the
+    # reference run's draw, which never picks the newest window (see elcrec_dist.augment).
+    window_starts: Literal["all", "reference"] = "all"
 
     def validate(self) -> None:
+        _require(
+            self.window_starts in ("all", "reference"),
+            f"augment.window_starts must be 'all' or 'reference', got {self.window_starts!r}",
+        )
         for name in ("crop_ratio", "mask_ratio", "reorder_ratio"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"augment.{name} must be in [0, 1], got {value}")

@@ -295,3 +295,67 @@ def test_bad_lengths_are_rejected() -> None:
         two_views(
             inputs, torch.tensor([0]), AugmentConfig(), max_len=4, generator=torch.Generator()
         )
+
+
+REFERENCE_CROP = AugmentConfig(methods=("crop",), window_starts="reference")
+REFERENCE_REORDER = AugmentConfig(methods=("reorder",), window_starts="reference")
+
+
+def test_reference_crop_starts_never_reach_the_newest_window() -> None:
+    seq = list(range(1, 11))  # n = 10, width 2: the reference draws starts 0..7, never 8
+    draws = 8_000
+    inputs, lengths = left_padded([seq] * (draws // 2))
+    views = two_views(inputs, lengths, REFERENCE_CROP, max_len=10, generator=torch.Generator().manual_seed(11))
+    batched = Counter(check_crop(seq, real_items(v), 0.2) for v in views)
+    rng = random.Random(11)
+    naive = Counter(check_crop(seq, naive_crop(seq, 0.2, rng, reference_starts=True), 0.2) for _ in range(draws))
+    for counts in (batched, naive):
+        assert sorted(counts) == list(range(8))
+        # sd = sqrt(8000 * 1/8 * 7/8) ≈ 29.6
+        assert all(abs(c - draws / 8) < 150 for c in counts.values()), counts
+
+
+def test_reference_one_item_crops_come_from_any_position() -> None:
+    seq = [4, 5, 6, 7]  # floor(0.2 * 4) = 0: the reference keeps one item from any of the 4 starts
+    draws = 4_000
+    inputs, lengths = left_padded([seq] * (draws // 2))
+    views = two_views(inputs, lengths, REFERENCE_CROP, max_len=4, generator=torch.Generator().manual_seed(12))
+    batched = Counter(check_crop(seq, real_items(v), 0.2) for v in views)
+    rng = random.Random(12)
+    naive = Counter(check_crop(seq, naive_crop(seq, 0.2, rng, reference_starts=True), 0.2) for _ in range(draws))
+    for counts in (batched, naive):
+        assert sorted(counts) == [0, 1, 2, 3]
+        assert all(abs(c - draws / 4) < 5 * math.sqrt(draws * 3 / 16) for c in counts.values()), counts
+
+
+def test_reference_reorder_never_swaps_the_newest_pair() -> None:
+    seq = list(range(1, 11))  # width 2: the reference swaps one of the pairs (0,1) .. (7,8)
+    draws = 2_000
+    inputs, lengths = left_padded([seq] * (draws // 2))
+    views = two_views(inputs, lengths, REFERENCE_REORDER, max_len=10, generator=torch.Generator().manual_seed(13))
+    changed = views.ne(inputs.repeat(2, 1))
+    swaps = Counter(tuple(row.nonzero().flatten().tolist()) for row in changed)
+    assert set(swaps) == {()} | {(i, i + 1) for i in range(8)}
+    rng = random.Random(13)
+    naive = {tuple(i for i, (a, b) in enumerate(zip(seq, naive_reorder(seq, 0.2, rng, reference_starts=True), strict=True)) if a != b)
+             for _ in range(draws)}
+    assert naive == {()} | {(i, i + 1) for i in range(8)}
+
+
+def test_reference_windows_as_long_as_the_input_still_have_their_one_start() -> None:
+    seq = [3, 1, 2]
+    config = AugmentConfig(crop_ratio=1.0, methods=("crop",), window_starts="reference")
+    inputs, lengths = left_padded([seq] * 50)
+    views = two_views(inputs, lengths, config, max_len=3, generator=torch.Generator().manual_seed(14))
+    assert views.tolist() == [seq] * 100
+    assert naive_crop(seq, 1.0, random.Random(0), reference_starts=True) == seq
+
+
+def test_window_starts_all_is_the_default() -> None:
+    # the default is "all" (every start), and "reference" draws differently from the same stream
+    rng = random.Random(15)
+    inputs, lengths = left_padded(random_sequences(64, rng))
+    one = two_views(inputs, lengths, AugmentConfig(), max_len=12, generator=torch.Generator().manual_seed(15))
+    two = two_views(inputs, lengths, AugmentConfig(window_starts="all"), max_len=12, generator=torch.Generator().manual_seed(15))
+    other = two_views(inputs, lengths, AugmentConfig(window_starts="reference"), max_len=12, generator=torch.Generator().manual_seed(15))
+    assert torch.equal(one, two) and not torch.equal(one, other)
