@@ -2,10 +2,10 @@
 
     python bench/probe_reference.py --config configs/beauty.yaml --data data/beauty \
         --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \
-        --model ours=runs/beauty-full/best_model.pt [--users 2048] [--batches 12] [--seed 0]
+        --model ours=runs/beauty-full/best_model.pt [--users 2048] [--batches 12] [--prefix-users 4000] [--seed 0]
 
 Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
-``NAME=reference:PATH``). Two probes, each model in eval mode (no dropout):
+``NAME=reference:PATH``). Three probes, each model in eval mode (no dropout):
 
 1. **Mask token.** The spec says the mask augmentation writes the padding id 0 (which attention
    ignores); the published item table has one extra row, the reserved id N + 1, which other
@@ -18,7 +18,18 @@ Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
    best. Our models have no row N + 1; a fresh N(0, 0.02) row (an id never trained) is added.
 2. **Fingerprint.** Every loss term on the same ``--batches`` training batches (same users,
    negatives and views for every model), the mean norm of the item embeddings and of the
-   centres: how far training went, term by term.
+   centres: how far training went, term by term. Plus the norms of the position embeddings in
+   bands (``position_norm/A-B``, the mean over positions A..B; the newest item sits at T - 1):
+   how strongly the model encodes where an item sits against what it is.
+3. **Prefix alignment.** For ``--prefix-users`` users and every training target ``seq[m+1]``
+   (m = 0 .. len - 4), the full-ranking rank of that target (items of ``seq[:m+1]`` excluded)
+   predicted two ways: inside the whole training input ``seq[:-3]`` (where ``seq[m]`` sits d
+   positions before the newest, as one-sequence-per-user training sees it) and from the prefix
+   ``seq[:m+1]`` alone, newest at T - 1 (as evaluation, and training on every prefix as a
+   separate sequence, see it). Reported by d as HR@20, NDCG@20 and the prefix / in-sequence
+   ratio. A model trained on every prefix as its own sequence (ICSRec's "DS" segmentation)
+   has seen the prefix form of every pair; one trained on one sequence per user only the
+   in-sequence form.
 
 Prints one JSON object as the last stdout line.
 """
@@ -41,6 +52,7 @@ from compare_models import REFERENCE_PREFIX, load_compared_model, parse_model_ar
 from elcrec_dist.batching import make_train_batch
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import left_pad, train_pairs
+from elcrec_dist.evaluation import answer_ranks
 from elcrec_dist.losses import elcrec_terms, fuse_intents
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
@@ -103,7 +115,75 @@ def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: Experimen
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + float(value) / batches
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
     totals["centre_norm"] = float(model.cluster_centers.norm(dim=1).mean())
+    totals.update(position_norms(model))
     return totals
+
+
+def position_bands(max_len: int) -> list[tuple[int, int]]:
+    """Inclusive position ranges: the older half, the rest but the newest five, then each of
+    the newest five positions (fewer for short windows)."""
+    half, tail = max_len // 2, max(0, max_len - 5)
+    bands = [(0, half - 1)] if half >= 1 else []
+    if tail > half:
+        bands.append((half, tail - 1))
+    bands += [(p, p) for p in range(max(tail, half), max_len)]
+    return bands
+
+
+@torch.no_grad()
+def position_norms(model: ELCRec) -> dict[str, float]:
+    """Mean L2 norm of the position embeddings per band of ``position_bands``."""
+    norms = model.position_embeddings.weight.norm(dim=1)  # [T]
+    return {
+        f"position_norm/{a}-{b}": float(norms[a : b + 1].mean())
+        for a, b in position_bands(model.config.max_len)
+    }
+
+
+def distance_band(d: int) -> str:
+    return "d=0" if d == 0 else "d=1-2" if d <= 2 else "d=3-5" if d <= 5 else "d>=6"
+
+
+@torch.no_grad()
+def prefix_pairs_ranks(model: ELCRec, sequences: Sequence[np.ndarray]) -> list[tuple[int, int, int]]:
+    """(d, in-sequence rank, prefix rank) for every training target of every sequence (each of
+    length >= 4). d = positions between ``seq[m]`` and the newest input item; only pairs whose
+    ``seq[m]`` is inside the window of the whole input (d < T) are scored."""
+    model.eval()
+    window = model.config.max_len
+    out: list[tuple[int, int, int]] = []
+    for seq in sequences:
+        inputs = seq[:-3]
+        n = len(inputs)
+        ms = [m for m in range(n) if n - 1 - m < window]
+        hidden = model(left_pad([inputs], window))[0]  # [T, D]
+        inside = hidden[torch.tensor([window - 1 - (n - 1 - m) for m in ms])]  # [P, D]
+        prefixes = [seq[: m + 1] for m in ms]
+        alone = model(left_pad(prefixes, window), last_only=True)[:, -1]  # [P, D]
+        answers = torch.tensor([int(seq[m + 1]) for m in ms])
+        history = left_pad(prefixes, max(len(p) for p in prefixes))  # [P, L], 0 = empty
+        ranks_inside = answer_ranks(model.score_all(inside), answers, history)
+        ranks_alone = answer_ranks(model.score_all(alone), answers, history)
+        out += [(n - 1 - m, int(a), int(b)) for m, a, b in zip(ms, ranks_inside.tolist(), ranks_alone.tolist(), strict=True)]
+    return out
+
+
+def prefix_alignment(model: ELCRec, sequences: Sequence[np.ndarray]) -> dict[str, float]:
+    """HR@20 and NDCG@20 of both forms by distance band, and the prefix / in-sequence ratios."""
+    rows = prefix_pairs_ranks(model, sequences)
+    report: dict[str, float] = {}
+    for band in ("d=0", "d=1-2", "d=3-5", "d>=6", "d>=1"):
+        chosen = [(a, b) for d, a, b in rows if (d >= 1 if band == "d>=1" else distance_band(d) == band)]
+        if not chosen:
+            continue
+        ranks = np.array(chosen, dtype=np.float64)  # [P, 2]: in-sequence, prefix
+        hr = (ranks < 20).mean(axis=0)
+        ndcg = ((ranks < 20) / np.log2(ranks + 2.0)).mean(axis=0)
+        report[f"prefix/{band}/pairs"] = float(len(chosen))
+        report[f"prefix/{band}/HR@20_in_sequence"], report[f"prefix/{band}/HR@20_prefix"] = float(hr[0]), float(hr[1])
+        report[f"prefix/{band}/NDCG@20_in_sequence"], report[f"prefix/{band}/NDCG@20_prefix"] = float(ndcg[0]), float(ndcg[1])
+        report[f"prefix/{band}/NDCG@20_ratio"] = float(ndcg[1] / ndcg[0]) if ndcg[0] > 0 else float("nan")
+    return report
 
 
 def main() -> int:
@@ -112,10 +192,11 @@ def main() -> int:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE")
     parser.add_argument("--users", type=int, default=2048, help="users of the mask-token probe")
     parser.add_argument("--batches", type=int, default=12, help="training batches of the fingerprint")
+    parser.add_argument("--prefix-users", type=int, default=4000, help="users of the prefix-alignment probe (0: skip it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.users < 1 or args.batches < 1:
-        raise ConfigError("--users and --batches must be >= 1")
+    if args.users < 1 or args.batches < 1 or args.prefix_users < 0:
+        raise ConfigError("--users and --batches must be >= 1, --prefix-users >= 0")
     models = [parse_model_argument(text) for text in args.model]
     config = load_config(args.config, args.overrides)
     data = args.data or config.data.path
@@ -126,6 +207,9 @@ def main() -> int:
     if len(long_enough) < args.users:
         raise ConfigError(f"--users {args.users}: the dataset has only {len(long_enough)} users with 8 or more items")
     sequences = list(sequences)
+    if args.prefix_users > len(sequences):
+        raise ConfigError(f"--prefix-users {args.prefix_users}: the dataset has only {len(sequences)} users")
+    prefix_users = [sequences[i] for i in np.random.default_rng(args.seed).choice(len(sequences), size=args.prefix_users, replace=False)]
     report: dict[str, dict[str, float]] = {}
     for name, source in models:
         model = load_compared_model(source, config, info.num_items)
@@ -134,6 +218,7 @@ def main() -> int:
             "mask_matched/padding_0": mask_matching(wide, long_enough, token=0, config=config, seed=args.seed),
             "mask_matched/reserved_id": mask_matching(wide, long_enough, token=info.num_items + 1, config=config, seed=args.seed),
             **fingerprint(model, sequences, config=config, batches=args.batches, seed=args.seed),
+            **(prefix_alignment(model, prefix_users) if prefix_users else {}),
         }
         print(name, " ".join(f"{k}={v:.4f}" for k, v in report[name].items()), flush=True)
     print_json_line(report)

@@ -6,6 +6,7 @@ import dataclasses
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from bench_scripts import load_bench_script
 
@@ -52,3 +53,78 @@ def test_the_reserved_row_comes_from_the_published_table_or_is_fresh(tmp_path: P
     wide = pr.with_reserved_row(model, f"reference:{path}")
     assert torch.equal(wide.item_embeddings.weight[21], extra[0])
     assert torch.equal(wide.item_embeddings.weight[:21], model.item_embeddings.weight)
+
+
+def test_position_bands_cover_every_position_once() -> None:
+    for window in (1, 2, 5, 6, 10, 50):
+        covered = [p for a, b in pr.position_bands(window) for p in range(a, b + 1)]
+        assert covered == list(range(window)), window
+    assert pr.position_bands(50) == [(0, 24), (25, 44), (45, 45), (46, 46), (47, 47), (48, 48), (49, 49)]
+
+
+def test_position_norms_are_band_means_of_row_norms() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml")
+    model = ELCRec(config.model, num_items=10)
+    window = config.model.max_len
+    with torch.no_grad():
+        model.position_embeddings.weight.zero_()
+        model.position_embeddings.weight[:, 0] = torch.arange(window, dtype=torch.float32)  # norm of row p is p
+    norms = pr.position_norms(model)
+    for a, b in pr.position_bands(window):
+        assert abs(norms[f"position_norm/{a}-{b}"] - (a + b) / 2) < 1e-6
+
+
+def _naive_rank(scores: torch.Tensor, answer: int, history: set[int]) -> int:
+    """Pessimistic 0-based rank among items 1..N, history items other than the answer left out."""
+    return sum(1 for item in range(1, len(scores)) if item != answer and item not in history and scores[item] >= scores[answer])
+
+
+def test_prefix_pairs_match_a_naive_loop_and_agree_at_the_newest_position() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml")
+    torch.manual_seed(3)
+    model = ELCRec(config.model, num_items=30).eval()
+    window = config.model.max_len
+    rng = random.Random(5)
+    # lengths on both sides of the window: the longest input reaches past it
+    sequences = [np.array([rng.randint(1, 30) for _ in range(n)]) for n in (4, 5, 9, window + 6)]
+    rows = pr.prefix_pairs_ranks(model, sequences)
+    expected = []
+    with torch.no_grad():
+        for seq in sequences:
+            inputs = seq[:-3]
+            n = len(inputs)
+            padded = torch.zeros(1, window, dtype=torch.int64)
+            tail = inputs[-window:]
+            padded[0, window - len(tail):] = torch.from_numpy(tail)
+            hidden = model(padded)[0]
+            for m in range(n):
+                d = n - 1 - m
+                if d >= window:
+                    continue
+                prefix = seq[: m + 1][-window:]
+                alone_in = torch.zeros(1, window, dtype=torch.int64)
+                alone_in[0, window - len(prefix):] = torch.from_numpy(prefix)
+                history = set(int(x) for x in seq[: m + 1])
+                answer = int(seq[m + 1])
+                inside = _naive_rank(hidden[window - 1 - d] @ model.item_embeddings.weight.T, answer, history)
+                alone = _naive_rank(model(alone_in)[0, -1] @ model.item_embeddings.weight.T, answer, history)
+                expected.append((d, inside, alone))
+    assert rows == expected
+    assert len(rows) == sum(min(len(s) - 3, window) for s in sequences)
+    # d = 0 with the input inside the window: the two forms are the same input, the same rank
+    assert all(inside == alone for d, inside, alone in rows if d == 0)
+
+
+def test_prefix_alignment_reports_the_ratio_of_the_two_forms() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml")
+    torch.manual_seed(4)
+    model = ELCRec(config.model, num_items=12).eval()
+    rng = random.Random(6)
+    sequences = [np.array([rng.randint(1, 12) for _ in range(rng.randint(4, 9))]) for _ in range(30)]
+    report = pr.prefix_alignment(model, sequences)
+    rows = pr.prefix_pairs_ranks(model, sequences)
+    later = [(a, b) for d, a, b in rows if d >= 1]
+    assert report["prefix/d>=1/pairs"] == len(later)
+    hr_inside = sum(a < 20 for a, _ in later) / len(later)
+    assert abs(report["prefix/d>=1/HR@20_in_sequence"] - hr_inside) < 1e-12
+    assert report["prefix/d=0/NDCG@20_ratio"] == 1.0
