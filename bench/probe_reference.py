@@ -20,7 +20,11 @@ Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
    negatives and views for every model), the mean norm of the item embeddings and of the
    centres: how far training went, term by term. Plus the norms of the position embeddings in
    bands (``position_norm/A-B``, the mean over positions A..B; the newest item sits at T - 1):
-   how strongly the model encodes where an item sits against what it is.
+   how strongly the model encodes where an item sits against what it is. And, per loss term,
+   the norm of its *weighted* gradient (``loss.*_weight`` applied) with respect to the position
+   embeddings of each band and to the item table (``grad/TERM/position_A-B``,
+   ``grad/TERM/items``), averaged over the same batches in training mode (dropout seeded per
+   batch): which term shapes which parameters.
 3. **Prefix alignment.** For ``--prefix-users`` users and every training target ``seq[m+1]``
    (m = 0 .. len - 4), the full-ranking rank of that target (items of ``seq[:m+1]`` excluded)
    predicted two ways: inside the whole training input ``seq[:-3]`` (where ``seq[m]`` sits d
@@ -116,6 +120,39 @@ def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: Experimen
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
     totals["centre_norm"] = float(model.cluster_centers.norm(dim=1).mean())
     totals.update(position_norms(model))
+    totals.update(gradient_norms(model, sequences, config=config, batches=batches, seed=seed))
+    return totals
+
+
+def gradient_norms(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> dict[str, float]:
+    """Mean norm of each weighted loss term's gradient w.r.t. the position embeddings per band
+    and the item table, over the fingerprint's batches (train mode, dropout seeded by batch).
+    Parameters' ``.grad`` are not touched."""
+    was_training = model.training
+    weights = {"next_item": 1.0, "seq_cl": config.loss.seq_cl_weight,
+               "intent_cl": config.loss.intent_cl_weight, "cluster": config.loss.cluster_weight}
+    generator = torch.Generator().manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(sequences))
+    bands = position_bands(model.config.max_len)
+    params = [model.position_embeddings.weight, model.item_embeddings.weight]
+    totals: dict[str, float] = {}
+    model.train()
+    try:
+        with torch.enable_grad():  # the fingerprint itself runs under no_grad
+            for b in range(batches):
+                rows = [sequences[i] for i in order[b * config.train.batch_size : (b + 1) * config.train.batch_size]]
+                batch = make_train_batch(rows, num_items=model.num_items, max_len=config.model.max_len,
+                                         augment=config.augment, generator=generator)
+                torch.manual_seed(seed * 100_003 + b)  # dropout
+                for name, value in elcrec_terms(model, batch, config.loss).items():
+                    positions, items = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+                    parts = {f"position_{a}-{z}": None if positions is None else positions[a : z + 1] for a, z in bands}
+                    parts["items"] = items
+                    for part, grad in parts.items():
+                        key = f"grad/{name}/{part}"
+                        totals[key] = totals.get(key, 0.0) + (0.0 if grad is None else float(grad.norm())) / batches
+    finally:
+        model.train(was_training)
     return totals
 
 

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from bench_scripts import load_bench_script
 
@@ -128,3 +129,29 @@ def test_prefix_alignment_reports_the_ratio_of_the_two_forms() -> None:
     hr_inside = sum(a < 20 for a, _ in later) / len(later)
     assert abs(report["prefix/d>=1/HR@20_in_sequence"] - hr_inside) < 1e-12
     assert report["prefix/d=0/NDCG@20_ratio"] == 1.0
+
+
+def test_gradient_norms_follow_where_each_term_reaches() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml", ["train.batch_size=16"])
+    window = config.model.max_len
+    torch.manual_seed(7)
+    model = ELCRec(config.model, num_items=40)
+    rng = random.Random(8)
+    # sequences of 4-8 items: training inputs of at most 5, so positions before window - 5 are
+    # padding in every input, where the next-item loss has no target and attention no key
+    sequences = [np.array([rng.randint(1, 40) for _ in range(rng.randint(4, 8))]) for _ in range(48)]
+    grads = pr.gradient_norms(model, sequences, config=config, batches=3, seed=0)
+    oldest = [f"position_{a}-{b}" for a, b in pr.position_bands(window) if b < window - 5]
+    assert oldest, "the demo window must be longer than 10 for this test"
+    for part in oldest:
+        assert grads[f"grad/next_item/{part}"] == 0.0
+        assert grads[f"grad/seq_cl/{part}"] > 0.0  # the flattened views include padded positions
+    assert grads[f"grad/next_item/position_{window - 1}-{window - 1}"] > 0.0
+    assert grads["grad/next_item/items"] > 0.0
+    # weights scale their term's gradient and nothing else; the model's own .grad stays unset
+    doubled = dataclasses.replace(config, loss=dataclasses.replace(config.loss, seq_cl_weight=2 * config.loss.seq_cl_weight))
+    again = pr.gradient_norms(model, sequences, config=doubled, batches=3, seed=0)
+    for key, value in grads.items():
+        expected = 2 * value if key.startswith("grad/seq_cl/") else value
+        assert again[key] == pytest.approx(expected, rel=1e-5, abs=1e-12), key
+    assert all(p.grad is None for p in model.parameters())
