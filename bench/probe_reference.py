@@ -44,7 +44,7 @@ import argparse
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,7 +57,7 @@ from elcrec_dist.batching import make_train_batch
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.evaluation import answer_ranks
-from elcrec_dist.losses import elcrec_terms, fuse_intents
+from elcrec_dist.losses import TrainBatch, elcrec_terms, fuse_intents
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
 from launcher.common import config_arguments, print_json_line, run_main
@@ -104,17 +104,24 @@ def mask_matching(model: ELCRec, inputs: list[list[int]], *, token: int, config:
     return hits / len(inputs)
 
 
+def probe_batches(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> Iterator[TrainBatch]:
+    """The fingerprint's training batches: the same users, negatives and views for every model
+    and every call with the same ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(sequences))
+    size = config.train.batch_size
+    for b in range(batches):
+        rows = [sequences[i] for i in order[b * size : (b + 1) * size]]
+        yield make_train_batch(rows, num_items=model.num_items, max_len=config.model.max_len,
+                               augment=config.augment, generator=generator)
+
+
 @torch.no_grad()
 def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> dict[str, float]:
     """Mean loss terms over the same training batches (eval mode), and parameter norms."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(sequences))
     totals: dict[str, float] = {}
-    for b in range(batches):
-        rows = [sequences[i] for i in order[b * config.train.batch_size : (b + 1) * config.train.batch_size]]
-        batch = make_train_batch(rows, num_items=model.num_items, max_len=config.model.max_len,
-                                 augment=config.augment, generator=generator)
+    for batch in probe_batches(model, sequences, config=config, batches=batches, seed=seed):
         for name, value in elcrec_terms(model, batch, config.loss).items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + float(value) / batches
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
@@ -131,18 +138,13 @@ def gradient_norms(model: ELCRec, sequences: list[np.ndarray], *, config: Experi
     was_training = model.training
     weights = {"next_item": 1.0, "seq_cl": config.loss.seq_cl_weight,
                "intent_cl": config.loss.intent_cl_weight, "cluster": config.loss.cluster_weight}
-    generator = torch.Generator().manual_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(sequences))
     bands = position_bands(model.config.max_len)
     params = [model.position_embeddings.weight, model.item_embeddings.weight]
     totals: dict[str, float] = {}
     model.train()
     try:
         with torch.enable_grad():  # the fingerprint itself runs under no_grad
-            for b in range(batches):
-                rows = [sequences[i] for i in order[b * config.train.batch_size : (b + 1) * config.train.batch_size]]
-                batch = make_train_batch(rows, num_items=model.num_items, max_len=config.model.max_len,
-                                         augment=config.augment, generator=generator)
+            for b, batch in enumerate(probe_batches(model, sequences, config=config, batches=batches, seed=seed)):
                 torch.manual_seed(seed * 100_003 + b)  # dropout
                 for name, value in elcrec_terms(model, batch, config.loss).items():
                     positions, items = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
