@@ -21,6 +21,7 @@ from elcrec_dist.config import load_config
 from elcrec_dist.losses import TrainBatch
 from elcrec_dist.model import ELCRec
 from elcrec_dist.train import build_engine, train_step
+from launcher.common import run_main
 
 NUM_ITEMS = 300
 
@@ -37,7 +38,7 @@ def rows_of(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
     return TrainBatch(batch.inputs[lo:hi], batch.targets[lo:hi], batch.negatives[lo:hi], views)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=1)
@@ -69,7 +70,11 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.save(out, Path(args.out) / f"rank{rank}.pt")
     dist_utils.teardown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    # Exit as launcher/train.py does: once the results are saved, os._exit skips the interpreter
+    # shutdown, where a rank was seen to abort ("terminate called without an active exception",
+    # exit -6) while background threads were torn down, failing a test whose work had finished.
+    run_main(main, hard_exit=True)
