@@ -1,7 +1,10 @@
-"""Shared fixtures: the ../shared folder beside the repository and a prepared Beauty dataset."""
+"""Shared fixtures: the ../shared folder beside the repository, a prepared Beauty dataset and a
+small synthetic one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,15 @@ def beauty_sequences(beauty_prepared: Path):
     from elcrec_dist.prepared import load_sequences
 
     return load_sequences(str(beauty_prepared))
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared synthetic dataset of 60 users and 40 items (read-only; shared by the session)."""
+    out = tmp_path_factory.mktemp("small_synthetic") / "data"
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "60", "--items", "40"],
+                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -122,14 +122,22 @@ def test_batched_properties_on_mixed_lengths(
             check(seq, real_items(out), ratio)
 
 
+def crop_start_counts(seq: list[int], config: AugmentConfig, *, draws: int, seed: int) -> tuple[Counter[int], Counter[int]]:
+    """How often each crop start occurs in ``draws`` crops of ``seq``: (batched path, naive reference)."""
+    inputs, lengths = left_padded([seq] * (draws // 2))
+    views = two_views(inputs, lengths, config, max_len=len(seq), generator=torch.Generator().manual_seed(seed))
+    batched = Counter(check_crop(seq, real_items(v), config.crop_ratio) for v in views)
+    rng = random.Random(seed)
+    reference = config.window_starts == "reference"
+    naive = Counter(check_crop(seq, naive_crop(seq, config.crop_ratio, rng, reference_starts=reference), config.crop_ratio)
+                    for _ in range(draws))
+    return batched, naive
+
+
 def test_every_crop_start_occurs_uniformly_like_the_reference() -> None:
     seq = list(range(1, 11))  # n = 10, width 2, starts 0..8
     draws = 9_000
-    inputs, lengths = left_padded([seq] * (draws // 2))
-    views = two_views(inputs, lengths, CROP, max_len=10, generator=torch.Generator().manual_seed(3))
-    batched = Counter(check_crop(seq, real_items(v), 0.2) for v in views)
-    rng = random.Random(3)
-    naive = Counter(check_crop(seq, naive_crop(seq, 0.2, rng), 0.2) for _ in range(draws))
+    batched, naive = crop_start_counts(seq, CROP, draws=draws, seed=3)
     expected = draws / 9
     for counts in (batched, naive):
         assert sorted(counts) == list(range(9))  # the newest window (start 8) included
@@ -304,11 +312,7 @@ REFERENCE_REORDER = AugmentConfig(methods=("reorder",), window_starts="reference
 def test_reference_crop_starts_never_reach_the_newest_window() -> None:
     seq = list(range(1, 11))  # n = 10, width 2: the reference draws starts 0..7, never 8
     draws = 8_000
-    inputs, lengths = left_padded([seq] * (draws // 2))
-    views = two_views(inputs, lengths, REFERENCE_CROP, max_len=10, generator=torch.Generator().manual_seed(11))
-    batched = Counter(check_crop(seq, real_items(v), 0.2) for v in views)
-    rng = random.Random(11)
-    naive = Counter(check_crop(seq, naive_crop(seq, 0.2, rng, reference_starts=True), 0.2) for _ in range(draws))
+    batched, naive = crop_start_counts(seq, REFERENCE_CROP, draws=draws, seed=11)
     for counts in (batched, naive):
         assert sorted(counts) == list(range(8))
         # sd = sqrt(8000 * 1/8 * 7/8) ≈ 29.6
@@ -318,11 +322,7 @@ def test_reference_crop_starts_never_reach_the_newest_window() -> None:
 def test_reference_one_item_crops_come_from_any_position() -> None:
     seq = [4, 5, 6, 7]  # floor(0.2 * 4) = 0: the reference keeps one item from any of the 4 starts
     draws = 4_000
-    inputs, lengths = left_padded([seq] * (draws // 2))
-    views = two_views(inputs, lengths, REFERENCE_CROP, max_len=4, generator=torch.Generator().manual_seed(12))
-    batched = Counter(check_crop(seq, real_items(v), 0.2) for v in views)
-    rng = random.Random(12)
-    naive = Counter(check_crop(seq, naive_crop(seq, 0.2, rng, reference_starts=True), 0.2) for _ in range(draws))
+    batched, naive = crop_start_counts(seq, REFERENCE_CROP, draws=draws, seed=12)
     for counts in (batched, naive):
         assert sorted(counts) == [0, 1, 2, 3]
         assert all(abs(c - draws / 4) < 5 * math.sqrt(draws * 3 / 16) for c in counts.values()), counts

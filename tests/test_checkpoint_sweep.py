@@ -45,13 +45,11 @@ def _commit(run: Path, model: ELCRec, *, epoch: int, step_in_epoch: int, global_
     return folder
 
 
-def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_path: Path) -> None:
+def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_path: Path, small_synthetic: Path) -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(tmp_path / "data"),
-                    "--users", "60", "--items", "40"], check=True, cwd=REPO, capture_output=True)
     from elcrec_dist.prepared import load_sequences
 
-    info, _, sequences = load_sequences(str(tmp_path / "data"))
+    info, _, sequences = load_sequences(str(small_synthetic))
     run = tmp_path / "run"
     models = []
     for seed, (epoch, within, step) in zip((1, 2), [(3, 0, 30), (3, 4, 34)], strict=True):
@@ -66,7 +64,7 @@ def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_
         ("step-00000034", 3, 34),  # mid-epoch 3
     ]
     out = subprocess.run(
-        [sys.executable, "bench/checkpoint_sweep.py", "--config", "configs/demo.yaml", "--data", str(tmp_path / "data"),
+        [sys.executable, "bench/checkpoint_sweep.py", "--config", "configs/demo.yaml", "--data", str(small_synthetic),
          "--run", str(run)], check=True, cwd=REPO, capture_output=True, text=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])

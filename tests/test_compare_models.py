@@ -79,13 +79,11 @@ def _ranks_by_loop(model: ELCRec, sequences, split: str) -> list[int]:
     return ranks
 
 
-def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path) -> None:
+def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_synthetic: Path) -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(tmp_path / "data"),
-                    "--users", "60", "--items", "40"], check=True, cwd=REPO, capture_output=True)
     from elcrec_dist.prepared import load_sequences
 
-    info, _, sequences = load_sequences(str(tmp_path / "data"))
+    info, _, sequences = load_sequences(str(small_synthetic))
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -95,7 +93,7 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path) -> None:
         save_model_file(paths[-1], model, config, {"seed": seed})
 
     out = subprocess.run(
-        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(tmp_path / "data"),
+        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(small_synthetic),
          "--model", f"one={paths[0]}", "--model", f"two={paths[1]}", "--split", "valid", "--resamples", "30"],
         check=True, cwd=REPO, capture_output=True, text=True,
     )
@@ -103,7 +101,7 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path) -> None:
     evaluated = []
     for path in paths:
         res = subprocess.run([sys.executable, "launcher/evaluate.py", "--config", "configs/demo.yaml", "--data",
-                              str(tmp_path / "data"), "--checkpoint", str(path), "--split", "valid"],
+                              str(small_synthetic), "--checkpoint", str(path), "--split", "valid"],
                              check=True, cwd=REPO, capture_output=True, text=True)
         evaluated.append(json.loads(res.stdout.strip().splitlines()[-1]))
     for name, expected in zip(("one", "two"), evaluated, strict=True):
