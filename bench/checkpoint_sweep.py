@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from elcrec_dist.checkpoint import CHECKPOINTS, load_model_weights, verify
+from elcrec_dist.checkpoint import CHECKPOINTS, checkpoint_folders, load_model_weights, verify
 from elcrec_dist.config import ConfigError, load_config
 from elcrec_dist.evaluation import evaluate
 from elcrec_dist.model import ELCRec
@@ -41,11 +41,10 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[Path, int, int]]:
     ``epoch`` is the epoch the checkpoint's data cursor is in; a checkpoint written at the end
     of epoch e has cursor (e + 1, 0) and is reported as epoch e.
     """
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
+    if not (run_dir / CHECKPOINTS).is_dir():
         raise ConfigError(f"{run_dir}: no {CHECKPOINTS}/ folder")
     found = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")):
+    for folder in reversed(checkpoint_folders(run_dir)):
         record = verify(folder)
         if record is None:
             continue
@@ -63,8 +62,8 @@ def sweep_summary(valid: Sequence[dict[str, float]], test: Sequence[dict[str, fl
     (the first of equal bests, as early stopping keeps it)."""
     if len(valid) != len(test) or not valid:
         raise ValueError("valid and test need one row per checkpoint, at least one")
-    chosen = int(np.argmax([row[select] for row in valid]))
     selector = np.array([row[select] for row in valid])
+    chosen = int(np.argmax(selector))
     out: dict[str, dict[str, float]] = {}
     for name in test[0]:
         values = np.array([row[name] for row in test])

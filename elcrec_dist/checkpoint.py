@@ -113,7 +113,8 @@ def verify(folder: Path) -> dict[str, Any] | None:
     return payload
 
 
-def _tags(run_dir: Path) -> list[Path]:
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every ``step-N`` folder under ``run_dir/checkpoints``, newest first, complete or not."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -122,7 +123,7 @@ def _tags(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint under ``run_dir`` and its commit record."""
-    for folder in _tags(run_dir):
+    for folder in checkpoint_folders(run_dir):
         record = verify(folder)
         if record is not None:
             return folder, record
@@ -136,7 +137,7 @@ def prune(run_dir: Path, *, keep: int) -> None:
     before training starts).
     """
     kept = 0
-    for folder in _tags(run_dir):
+    for folder in checkpoint_folders(run_dir):
         if (folder / COMMIT_NAME).is_file() and kept < keep:
             kept += 1
             continue
