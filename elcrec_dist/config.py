@@ -93,6 +93,12 @@ class LossConfig:
     # "all": mean over all k^2 centre pairs, diagonal included (reference run);
     # "distinct": 1/(k(k-1)) over i != j (the paper's equation).
     cluster_pairs: Literal["all", "distinct"] = "all"
+    # How the centres' gradient passes the L2 normalisation of the cluster loss. "reference":
+    # as in the reference run, which normalised the parameter's data in place before the step and
+    # differentiated the loss at the raw (unit) rows, so the gradient keeps its radial part
+    # (which the next re-projection removes, but which Adam's moments see). "tangent": through
+    # F.normalize, so only the part tangent to the sphere reaches the optimizer.
+    centre_gradient: Literal["reference", "tangent"] = "reference"
     # "published": the paper's loss (see losses.cluster_loss), which depends on the centres only
     # through their mean. "assigned_uniform" (ours): pull each user to its nearest centre, plus
     # a uniformity term over centre pairs (losses.assigned_uniform_cluster_loss);

@@ -108,6 +108,7 @@ def cluster_loss(
     centres: torch.Tensor,
     *,
     pairs: Literal["all", "distinct"],
+    centre_gradient: Literal["reference", "tangent"] = "reference",
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """``mean_{i,j} ||ĥ_i − ĉ_j||² − mean_{pairs} ||ĉ_i − ĉ_j||²`` on L2-normalised rows.
@@ -129,7 +130,7 @@ def cluster_loss(
     )
     k = centres.shape[0]
     h = F.normalize(user_emb, dim=-1)  # [B, D]
-    c = F.normalize(centres, dim=-1)  # [k, D]
+    c = normalize_centres(centres, centre_gradient)  # [k, D]
     b_global = shard.rows(h.shape[0])
     c_sq = c.pow(2).sum(-1).mean()
     c_mean = c.mean(0)  # [D]
@@ -144,6 +145,18 @@ def cluster_loss(
     else:
         raise ValueError(f"cluster_loss: pairs must be 'all' or 'distinct', got {pairs!r}")
     return pull - spread / shard.world
+
+
+def normalize_centres(centres: torch.Tensor, gradient: Literal["reference", "tangent"]) -> torch.Tensor:
+    """Centres [k, D] scaled to unit rows. ``"tangent"``: through ``F.normalize`` (the gradient
+    loses its radial part). ``"reference"``: divided by their detached norms, so the value is
+    the same but the gradient is the raw rows' one over the norm (at unit rows, exactly the
+    gradient of the reference run, which normalised ``.data`` in place before the step)."""
+    if gradient == "tangent":
+        return F.normalize(centres, dim=-1)
+    if gradient == "reference":
+        return centres / centres.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"normalize_centres: gradient must be 'reference' or 'tangent', got {gradient!r}")
 
 
 def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -432,7 +445,8 @@ def elcrec_terms(
     if config.cluster_weight > 0:
         if config.cluster_form == "published":
             terms["cluster"] = cluster_loss(
-                user_emb, centres, pairs=config.cluster_pairs, shard=shard
+                user_emb, centres, pairs=config.cluster_pairs,
+                centre_gradient=config.centre_gradient, shard=shard,
             )
         elif config.cluster_form == "assigned_uniform":
             terms["cluster"] = assigned_uniform_cluster_loss(user_emb, centres, shard=shard)

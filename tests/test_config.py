@@ -151,6 +151,7 @@ def test_unknown_key_in_override_is_named() -> None:
         ("eval.ks=[5, 2.5]", r"eval.ks\[1\]"),
         ("loss.fusion=sum", "loss.fusion"),  # bad Literal
         ("loss.cluster_pairs=some", "loss.cluster_pairs"),
+        ("loss.centre_gradient=radial", "loss.centre_gradient"),
         ("augment.window_starts=newest", "augment.window_starts"),
         ("deepspeed.bf16=1", "deepspeed.bf16"),  # int for bool
         ("name=123", "name"),  # int for str

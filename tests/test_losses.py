@@ -189,6 +189,52 @@ def test_cluster_loss_matches_loop(pairs: str) -> None:
     )
 
 
+def naive_cluster_on_raw_rows(user_emb: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """The reference run's cluster loss: users normalised in the graph, the centres used as the
+    raw parameter rows (unit because ``.data`` was normalised before the step). Loops, float64;
+    returned as a tensor so autograd gives the reference gradient."""
+    h = torch.nn.functional.normalize(user_emb, dim=-1)
+    k = centres.shape[0]
+    pull = sum(((h[i] - centres[j]) ** 2).sum() for i in range(len(h)) for j in range(k)) / (len(h) * k)
+    spread = sum(((centres[i] - centres[j]) ** 2).sum() for i in range(k) for j in range(k)) / (k * k)
+    return pull - spread
+
+
+def test_centre_gradient_reference_and_tangent() -> None:
+    """Same value either way. "reference": the gradient of the loss at the raw unit rows
+    (radial part included, as the reference's optimizer saw it); "tangent": that gradient with
+    each row's radial part removed, (I - c cᵀ) g."""
+    user_emb = randn(6, 5, seed=21) * 2.0
+    unit_rows = torch.nn.functional.normalize(randn(4, 5, seed=22), dim=-1)
+    raw = unit_rows.clone().requires_grad_(True)
+    naive_cluster_on_raw_rows(user_emb, raw).backward()
+    assert raw.grad is not None
+    expected = raw.grad
+    radial = (expected * unit_rows).sum(-1, keepdim=True)  # [k, 1]
+    assert radial.abs().min() > 1e-3  # the reference gradient has a radial part to lose
+
+    grads, values = {}, {}
+    for form in ("reference", "tangent"):
+        c = unit_rows.clone().requires_grad_(True)
+        value = cluster_loss(user_emb, c, pairs="all", centre_gradient=form)
+        value.backward()
+        assert c.grad is not None
+        grads[form], values[form] = c.grad, value.item()
+    assert values["reference"] == pytest.approx(values["tangent"], abs=1e-12)
+    assert values["reference"] == pytest.approx(naive_cluster(user_emb, unit_rows, "all"), abs=1e-12)
+    assert torch.allclose(grads["reference"], expected, **TOL)
+    assert torch.allclose(grads["tangent"], expected - radial * unit_rows, **TOL)
+
+    # Off the sphere the value is still the normalised loss for both forms.
+    scaled = unit_rows * torch.tensor([[0.5], [2.0], [1.0], [3.0]], dtype=torch.float64)
+    for form in ("reference", "tangent"):
+        assert cluster_loss(user_emb, scaled, pairs="all", centre_gradient=form).item() == pytest.approx(
+            values["tangent"], abs=1e-12
+        )
+    with pytest.raises(ValueError, match="reference' or 'tangent"):
+        cluster_loss(user_emb, unit_rows, pairs="all", centre_gradient="sideways")  # type: ignore[arg-type]
+
+
 def test_cluster_pairs_all_and_distinct_differ_by_diagonal() -> None:
     user_emb, centres = randn(6, 4, seed=5), randn(3, 4, seed=6)
     all_pairs = cluster_loss(user_emb, centres, pairs="all").item()
