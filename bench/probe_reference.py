@@ -24,7 +24,10 @@ Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
    the norm of its *weighted* gradient (``loss.*_weight`` applied) with respect to the position
    embeddings of each band and to the item table (``grad/TERM/position_A-B``,
    ``grad/TERM/items``), averaged over the same batches in training mode (dropout seeded per
-   batch): which term shapes which parameters.
+   batch): which term shapes which parameters. And the centres' spread as training logs it
+   (``centres/*`` of ``elcrec_dist.train.centre_stats``, every user assigned): among them the
+   effective rank and the share of opposed pairs, which tell centres spread over many
+   directions from centres folded onto two opposite groups.
 3. **Prefix alignment.** For ``--prefix-users`` users and every training target ``seq[m+1]``
    (m = 0 .. len - 4), the full-ranking rank of that target (items of ``seq[:m+1]`` excluded)
    predicted two ways: inside the whole training input ``seq[:-3]`` (where ``seq[m]`` sits d
@@ -57,9 +60,10 @@ from elcrec_dist.batching import make_train_batch
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.evaluation import answer_ranks
-from elcrec_dist.losses import TrainBatch, elcrec_terms, fuse_intents
+from elcrec_dist.losses import TrainBatch, assign_users, elcrec_terms, fuse_intents
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
+from elcrec_dist.train import centre_stats, pooled_embeddings
 from launcher.common import config_arguments, print_json_line, run_main
 
 PROBE_BATCH = 256
@@ -126,6 +130,10 @@ def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: Experimen
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + float(value) / batches
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
     totals["centre_norm"] = float(model.cluster_centers.norm(dim=1).mean())
+    # how the centres spread and how many users each wins (every user, as the training logs it)
+    wins = torch.bincount(assign_users(pooled_embeddings(model, sequences, batch_size=1024), model.cluster_centers),
+                          minlength=model.cluster_centers.shape[0]).float()
+    totals.update(centre_stats(model.cluster_centers, wins))
     totals.update(position_norms(model))
     totals.update(gradient_norms(model, sequences, config=config, batches=batches, seed=seed))
     return totals

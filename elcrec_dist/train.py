@@ -260,18 +260,27 @@ def centre_stats(centres: torch.Tensor, wins: torch.Tensor) -> dict[str, float]:
     """Centre health: mean pairwise cosine (off-diagonal), norm of the mean of the normalised
     centres (the only thing the published cluster loss sees), share of centres that won no user,
     and the largest centre's share of the users (1.0 when every user picks one centre: collapse).
+    Their spread: the effective rank (exp of the entropy of the normalised centres' squared
+    singular values; 1 when all lie on one line, up to D when spread evenly) and the share of
+    pairs pointing apart (cosine < -0.5). Centres folded onto two opposite groups show a mean
+    cosine that looks healthy but an effective rank near 2 and many opposed pairs.
 
     centres [k, D]; wins [k] users assigned to each centre over the last epoch.
     """
     c = F.normalize(centres.float(), dim=-1)
     k = c.shape[0]
     cos = c @ c.T
-    off_diagonal = (cos.sum() - cos.diagonal().sum()) / max(k * (k - 1), 1)
+    pairs = max(k * (k - 1), 1)
+    off_diagonal = (cos.sum() - cos.diagonal().sum()) / pairs
+    energy = torch.linalg.svdvals(c).pow(2)
+    share = energy[energy > 0] / energy.sum()
     return {
         "centres/mean_pairwise_cosine": float(off_diagonal),
         "centres/norm_of_mean": float(c.mean(0).norm()),
         "centres/dead_fraction": float((wins == 0).float().mean()),
         "centres/largest_share": float(wins.max() / wins.sum()) if float(wins.sum()) > 0 else 0.0,
+        "centres/effective_rank": float(torch.exp(-(share * share.log()).sum())),
+        "centres/opposed_pair_fraction": float((cos < -0.5).sum()) / pairs,  # the diagonal is 1
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -147,3 +148,20 @@ def test_centre_stats_by_hand() -> None:
     assert stats["centres/dead_fraction"] == pytest.approx(1 / 3)
     assert stats["centres/largest_share"] == pytest.approx(5 / 6)
     assert centre_stats(centres, torch.zeros(3))["centres/largest_share"] == 0.0
+    # rows (1,0), (0,1), (1,0): CᵀC = diag(2, 1), shares 2/3 and 1/3
+    assert stats["centres/effective_rank"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+    assert stats["centres/opposed_pair_fraction"] == 0.0
+
+
+def test_centre_stats_see_centres_folded_onto_two_opposite_groups() -> None:
+    # (1,0), (-1,0), (0,1) by hand: CᵀC = diag(2, 1); the pair (0, 1) is opposed (2 of 6 ordered pairs)
+    folded = centre_stats(torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 1.0]]), torch.ones(3))
+    assert folded["centres/effective_rank"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+    assert folded["centres/opposed_pair_fraction"] == pytest.approx(2 / 6)
+    # 3 of 4 centres on +e1, one on -e1: a healthy-looking mean cosine (0), effective rank 1
+    line = centre_stats(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]), torch.ones(4))
+    assert line["centres/mean_pairwise_cosine"] == pytest.approx((6 * 1 - 6 * 1) / 12)
+    assert line["centres/effective_rank"] == pytest.approx(1.0)
+    assert line["centres/opposed_pair_fraction"] == pytest.approx(6 / 12)
+    # an orthonormal set: every direction equally used
+    assert centre_stats(torch.eye(4), torch.ones(4))["centres/effective_rank"] == pytest.approx(4.0)
