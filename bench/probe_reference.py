@@ -18,7 +18,8 @@ Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
    best. Our models have no row N + 1; a fresh N(0, 0.02) row (an id never trained) is added.
 2. **Fingerprint.** Every loss term on the same ``--batches`` training batches (same users,
    negatives and views for every model), the mean norm of the item embeddings and of the
-   centres: how far training went, term by term. Plus the norms of the position embeddings in
+   centres: how far training went, term by term; and the largest negative logit of the next-item
+   loss (the reference's ``log(1 - σ + 1e-24)`` stops a negative's gradient past about 16.6). Plus the norms of the position embeddings in
    bands (``position_norm/A-B``, the mean over positions A..B; the newest item sits at T - 1):
    how strongly the model encodes where an item sits against what it is. And, per loss term,
    the norm of its *weighted* gradient (``loss.*_weight`` applied) with respect to the position
@@ -125,9 +126,15 @@ def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: Experimen
     """Mean loss terms over the same training batches (eval mode), and parameter norms."""
     model.eval()
     totals: dict[str, float] = {}
+    largest_negative = -math.inf
     for batch in probe_batches(model, sequences, config=config, batches=batches, seed=seed):
         for name, value in elcrec_terms(model, batch, config.loss).items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + float(value) / batches
+        # the reference's log(1 - σ(x) + 1e-24) stops a negative's gradient once σ(x) rounds to 1 (x > ~16.6)
+        hidden = model(batch.inputs)  # [B, T, D]
+        negative = (hidden * model.item_embeddings.weight[batch.negatives]).sum(-1)[batch.targets > 0]
+        largest_negative = max(largest_negative, float(negative.max()))
+    totals["next_item/largest_negative_logit"] = largest_negative
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
     totals["centre_norm"] = float(model.cluster_centers.norm(dim=1).mean())
     # how the centres spread and how many users each wins (every user, as the training logs it)
