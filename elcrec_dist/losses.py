@@ -189,6 +189,7 @@ def assigned_uniform_cluster_loss(
     user_emb: torch.Tensor,
     centres: torch.Tensor,
     *,
+    centre_gradient: Literal["reference", "tangent"] = "reference",
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """An alternative cluster loss (ours, ``loss.cluster_form: assigned_uniform``).
@@ -200,7 +201,7 @@ def assigned_uniform_cluster_loss(
     distinct centre pairs: it spreads individual centres apart, where the published spread term
     sees only their mean. user_emb [B, D], centres [k, D] (k >= 2). Under a ``shard`` the pull
     is summed over local users and divided by B_global and the centre term (identical on every
-    rank) is divided by the world size.
+    rank) is divided by the world size. ``centre_gradient`` as in ``cluster_loss``.
     """
     _check(
         user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
@@ -210,7 +211,7 @@ def assigned_uniform_cluster_loss(
     k = centres.shape[0]
     _check(k >= 2, "assigned_uniform_cluster_loss: needs at least 2 centres")
     h = F.normalize(user_emb, dim=-1)  # [B, D]
-    c = F.normalize(centres, dim=-1)  # [k, D]
+    c = normalize_centres(centres, centre_gradient)  # [k, D]
     assigned = c[nearest_centre(h.detach(), c.detach())]  # [B, D], gradient to the chosen rows
     pull = (h - assigned).pow(2).sum(-1).sum() / shard.rows(h.shape[0])
     return pull + uniformity(c) / shard.world
@@ -237,6 +238,7 @@ def balanced_uniform_cluster_loss(
     user_emb: torch.Tensor,
     centres: torch.Tensor,
     *,
+    centre_gradient: Literal["reference", "tangent"] = "reference",
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """An alternative cluster loss (ours, ``loss.cluster_form: balanced_uniform``).
@@ -255,7 +257,7 @@ def balanced_uniform_cluster_loss(
     )
     _check(centres.shape[0] >= 2, "balanced_uniform_cluster_loss: needs at least 2 centres")
     h = F.normalize(user_emb, dim=-1)  # [B, D]
-    c = F.normalize(centres, dim=-1)  # [k, D]
+    c = normalize_centres(centres, centre_gradient)  # [k, D]
     everyone = shard.gather(h.detach())  # [B_global, D]
     q = balanced_assignment(everyone @ c.detach().T)  # [B_global, k]
     mine = q[shard.offset : shard.offset + h.shape[0]].to(h.dtype)  # [B, k]
@@ -449,9 +451,13 @@ def elcrec_terms(
                 centre_gradient=config.centre_gradient, shard=shard,
             )
         elif config.cluster_form == "assigned_uniform":
-            terms["cluster"] = assigned_uniform_cluster_loss(user_emb, centres, shard=shard)
+            terms["cluster"] = assigned_uniform_cluster_loss(
+                user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
+            )
         elif config.cluster_form == "balanced_uniform":
-            terms["cluster"] = balanced_uniform_cluster_loss(user_emb, centres, shard=shard)
+            terms["cluster"] = balanced_uniform_cluster_loss(
+                user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
+            )
         else:
             raise ValueError(f"elcrec_terms: unknown loss.cluster_form {config.cluster_form!r}")
     if with_views:

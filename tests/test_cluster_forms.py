@@ -66,6 +66,25 @@ def naive_balanced_uniform(user_emb: torch.Tensor, centres: torch.Tensor) -> flo
     return pull / len(hs) + naive_uniformity(centres)
 
 
+def naive_pull_and_uniformity(user_emb: torch.Tensor, centres: torch.Tensor, q: list[list[float]]) -> float:
+    """Both alternatives with the assignment q [B][k] given and the centres used as they are (no
+    normalisation): at unit rows, the function whose gradient the reference form passes on."""
+    hs, cs = [unit(u) for u in user_emb], list(centres)
+    pull = sum(q[i][j] * sq_dist(h, c) for i, h in enumerate(hs) for j, c in enumerate(cs))
+    k = len(cs)
+    total = sum(math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j)
+    return pull / len(hs) + math.log(total / (k * (k - 1)))
+
+
+def naive_assignment(form: str, user_emb: torch.Tensor, centres: torch.Tensor) -> list[list[float]]:
+    hs, cs = [unit(u) for u in user_emb], [unit(c) for c in centres]
+    if form == "balanced_uniform":
+        scores = torch.tensor([[float(h @ c) for c in cs] for h in hs], dtype=torch.float64)
+        return naive_sinkhorn(scores, 0.05, 3)
+    nearest = [min(range(len(cs)), key=lambda j, h=h: sq_dist(h, cs[j])) for h in hs]
+    return [[1.0 if j == a else 0.0 for j in range(len(cs))] for a in nearest]
+
+
 def simulated_shards(x: torch.Tensor, c: torch.Tensor, loss, world: int) -> torch.Tensor:
     """Sum of every simulated rank's contribution. Each rank's ``gather`` returns what every rank
     would pass, with its own rows live: the one tensor these losses gather is the batch's
@@ -130,6 +149,61 @@ def test_alternatives_see_individual_centres_where_the_published_loss_sees_their
     rotated = centres @ rotation_fixing(centres.mean(0), angle=1.1, seed=11).T
     assert cluster_loss(user_emb, rotated, pairs="all").item() == pytest.approx(cluster_loss(user_emb, centres, pairs="all").item(), abs=1e-12)
     assert abs(loss(user_emb, rotated).item() - loss(user_emb, centres).item()) > 1e-3
+
+
+@pytest.mark.parametrize("form", ["assigned_uniform", "balanced_uniform"])
+def test_alternatives_take_the_configured_centre_gradient(form: str) -> None:
+    """As for the published loss: "reference" passes the gradient of the loss at the raw unit rows
+    (radial part included; central differences of a loop with the assignment held fixed, as the
+    losses hold it), "tangent" that gradient less each row's radial part. Same value either way."""
+    loss = {"assigned_uniform": assigned_uniform_cluster_loss, "balanced_uniform": balanced_uniform_cluster_loss}[form]
+    user_emb = randn(10, 5, seed=31) * 2.0
+    unit_rows = torch.nn.functional.normalize(randn(4, 5, seed=32), dim=-1)
+    q = naive_assignment(form, user_emb, unit_rows)
+    eps = 1e-6
+    expected = torch.zeros_like(unit_rows)
+    for j in range(unit_rows.shape[0]):
+        for d in range(unit_rows.shape[1]):
+            step = torch.zeros_like(unit_rows)
+            step[j, d] = eps
+            expected[j, d] = (
+                naive_pull_and_uniformity(user_emb, unit_rows + step, q)
+                - naive_pull_and_uniformity(user_emb, unit_rows - step, q)
+            ) / (2 * eps)
+    radial = (expected * unit_rows).sum(-1, keepdim=True)  # [k, 1]
+    assert radial.abs().min() > 1e-3  # there is a radial part to keep or lose
+
+    grads, values = {}, {}
+    for gradient in ("reference", "tangent"):
+        c = unit_rows.clone().requires_grad_(True)
+        value = loss(user_emb, c, centre_gradient=gradient)
+        value.backward()
+        assert c.grad is not None
+        grads[gradient], values[gradient] = c.grad, value.item()
+    assert values["reference"] == pytest.approx(values["tangent"], abs=1e-12)
+    assert values["reference"] == pytest.approx(naive_pull_and_uniformity(user_emb, unit_rows, q), rel=1e-9)
+    assert torch.allclose(grads["reference"], expected, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(grads["tangent"], expected - radial * unit_rows, rtol=1e-6, atol=1e-8)
+
+    # elcrec_terms passes loss.centre_gradient on to the alternative it selects.
+    torch.manual_seed(0)
+    model = ELCRec(ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3), num_items=12).double()
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batch = TrainBatch(torch.randint(0, 13, (4, 5), generator=g), torch.randint(1, 13, (4, 5), generator=g),
+                       torch.randint(1, 13, (4, 5), generator=g), torch.randint(0, 13, (8, 5), generator=g))
+    with torch.no_grad():
+        model.cluster_centers.copy_(torch.nn.functional.normalize(model.cluster_centers, dim=-1))
+    via_terms = {}
+    for gradient in ("reference", "tangent"):
+        model.zero_grad()
+        config = LossConfig(cluster_form=form, centre_gradient=gradient, seq_cl_weight=0.0, intent_cl_weight=0.0)  # type: ignore[arg-type]
+        elcrec_terms(model, batch, config)["cluster"].backward()
+        via_terms[gradient] = model.cluster_centers.grad.clone()
+    c = model.cluster_centers.detach()
+    radial_terms = (via_terms["reference"] * c).sum(-1, keepdim=True)
+    assert radial_terms.abs().max() > 1e-6
+    assert torch.allclose(via_terms["tangent"], via_terms["reference"] - radial_terms * c, rtol=1e-9, atol=1e-12)
 
 
 def test_fusion_none_contrasts_the_flattened_views() -> None:
