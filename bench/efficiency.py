@@ -64,11 +64,18 @@ def measure_one(config_path: str, variant: str, data_path: str, train_steps: int
     from elcrec_dist.config import load_config
     from elcrec_dist.model import ELCRec
     from elcrec_dist.stream import StreamingDataset
-    from elcrec_dist.train import build_engine, evaluate_sharded, init_centres, refresh_intents
+    from elcrec_dist.train import (
+        build_engine,
+        evaluate_sharded,
+        init_centres,
+        refresh_intents,
+        use_deterministic_kernels,
+    )
 
     config = load_config([config_path, str(REPO / "configs" / "variants" / f"{variant}.yaml")], [*overrides, f"data.path={data_path}"])
     data = StreamingDataset.open(data_path)
     device = dist_utils.init()
+    use_deterministic_kernels(device, config.train.deterministic)  # as training runs
     torch.manual_seed(config.train.seed)
     model = ELCRec(config.model, num_items=data.info.num_items).to(device)
 

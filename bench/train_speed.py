@@ -25,7 +25,14 @@ from elcrec_dist.batching import make_train_batch
 from elcrec_dist.config import load_config
 from elcrec_dist.model import ELCRec
 from elcrec_dist.stream import StreamingDataset
-from elcrec_dist.train import build_engine, evaluate_sharded, init_centres, step_seed, train_step
+from elcrec_dist.train import (
+    build_engine,
+    evaluate_sharded,
+    init_centres,
+    step_seed,
+    train_step,
+    use_deterministic_kernels,
+)
 
 
 def run_steps(engine, data, config, *, limit: int | None = None) -> tuple[int, int]:
@@ -54,6 +61,7 @@ def main() -> None:
     config = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     data = StreamingDataset.open(args.data)
     device = dist_utils.init()
+    use_deterministic_kernels(device, config.train.deterministic)  # as training runs
     torch.manual_seed(config.train.seed)
     model = ELCRec(config.model, num_items=data.info.num_items).to(device)
     t0 = time.perf_counter()

@@ -97,7 +97,8 @@ class LossConfig:
     # as in the reference run, which normalised the parameter's data in place before the step and
     # differentiated the loss at the raw (unit) rows, so the gradient keeps its radial part
     # (which the next re-projection removes, but which Adam's moments see). "tangent": through
-    # F.normalize, so only the part tangent to the sphere reaches the optimizer.
+    # F.normalize, so only the part tangent to the sphere reaches the optimizer. Applies to
+    # every cluster_form (each normalises the centres the same way).
     centre_gradient: Literal["reference", "tangent"] = "reference"
     # "published": the paper's loss (see losses.cluster_loss), which depends on the centres only
     # through their mean. "assigned_uniform" (ours): pull each user to its nearest centre, plus
@@ -184,6 +185,11 @@ class TrainConfig:
     log_every: int = 50  # steps between loss logs
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2  # complete checkpoints kept in RUN/checkpoints
+    # torch's deterministic kernels (train.use_deterministic_kernels). Without them, on CPU with
+    # more than one intra-op thread, the gradient of gathered rows (item embeddings, the centres
+    # chosen by fusion and the intent CL) is summed in a thread-dependent order, so the same
+    # command trains a different model each time.
+    deterministic: bool = True
 
     def validate(self) -> None:
         _require(self.epochs >= 1, "train.epochs must be >= 1")

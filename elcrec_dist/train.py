@@ -7,6 +7,7 @@ Loop, step and evaluation are separate functions. One place (``build_engine``) c
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,20 @@ def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
         config=deepspeed_config(config, dist_utils.world_size()),
     )
     return engine
+
+
+def use_deterministic_kernels(device: torch.device, enabled: bool) -> None:
+    """Switch torch's deterministic kernels on or off for this process (``train.deterministic``).
+
+    On CPU every op of the training step has a deterministic kernel (``tests/test_train.py``
+    checks a step's gradients bitwise at two threads); without them the backward of gathered
+    rows accumulates in a thread-dependent order. On other devices an op without a
+    deterministic kernel warns instead of stopping the run, and CUDA's cuBLAS gets the fixed
+    workspace it needs (``CUBLAS_WORKSPACE_CONFIG``, unless already set); not verified on a GPU.
+    """
+    if enabled and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=device.type != "cpu")
 
 
 def step_seed(seed: int, rank: int, global_step: int) -> int:
@@ -314,6 +329,7 @@ def fit(
     rank, world = dist_utils.rank(), dist_utils.world_size()
     num_items = data.info.num_items
     run_dir = Path(config.train.run_dir)
+    use_deterministic_kernels(device, config.train.deterministic)
     torch.manual_seed(config.train.seed)  # the same initial model on every rank
     model = ELCRec(config.model, num_items=num_items).to(device)
     state = ckpt.TrainState(world_size=world)
