@@ -554,6 +554,8 @@ class RunStatus:
     results: dict[str, Any] | None  # results.json, when finished
     harness: list[dict[str, Any]]
     curve: tuple[tuple[int, ...], tuple[float, ...]]  # (epochs, valid NDCG@20), when finished
+    # (epochs, valid NDCG@20) an unfinished run has logged so far (metrics.jsonl); empty otherwise
+    progress: tuple[tuple[int, ...], tuple[float, ...]] = ((), ())
 
     @property
     def finished(self) -> bool:
@@ -591,24 +593,55 @@ def eval_epochs(*, evaluations: int, eval_every: int, max_epochs: int) -> tuple[
     return tuple(epochs[:evaluations])
 
 
+def _train_schedule(run_dir: Path) -> tuple[int, int]:
+    """(eval_every, epochs) from the run's resolved ``config.yaml``."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise HarnessError(f"{config_path} is missing (needed for the evaluation schedule)")
+    train = yaml.safe_load(config_path.read_text())["train"]
+    return int(train["eval_every"]), int(train["epochs"])
+
+
+def logged_progress(run_dir: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(epochs, valid NDCG@20) of the validation passes an unfinished run has logged so far, from
+    ``metrics.jsonl`` (which a resume rewinds to its checkpoint, so no pass appears twice);
+    empty when the run has logged none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return (), ()
+    name = f"valid/{CURVE_METRIC}"
+    values = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HarnessError(f"{path}:{number}: not JSON ({exc})") from exc
+        if name in row:
+            values.append(float(row[name]))
+    if not values:
+        return (), ()
+    eval_every, max_epochs = _train_schedule(run_dir)
+    epochs = eval_epochs(evaluations=len(values), eval_every=eval_every, max_epochs=max_epochs)
+    if len(epochs) != len(values):
+        raise HarnessError(f"{path}: {len(values)} validation passes, but the config schedules {len(epochs)}")
+    return epochs, tuple(values)
+
+
 def collect_run(variant: str, seed: int, run_dir: Path) -> RunStatus:
     harness = read_harness_records(run_dir)
     results_path = run_dir / "results.json"
     if not results_path.is_file():
-        return RunStatus(variant, seed, run_dir, None, harness, ((), ()))
+        return RunStatus(variant, seed, run_dir, None, harness, ((), ()), logged_progress(run_dir))
     results = json.loads(results_path.read_text())
     missing = [k for k in ("test", "best_epoch", "epochs_run", "valid_history") if k not in results]
     missing += [f"test.{m}" for m in REPORT_METRICS if m not in results.get("test", {})] if "test" in results else []
     if missing:
         raise HarnessError(f"{results_path}: no {', '.join(missing)}")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise HarnessError(f"{config_path} is missing (needed for the evaluation schedule)")
-    train = yaml.safe_load(config_path.read_text())["train"]
+    eval_every, max_epochs = _train_schedule(run_dir)
     history = tuple(float(v) for v in results["valid_history"])
-    epochs = eval_epochs(evaluations=len(history), eval_every=int(train["eval_every"]), max_epochs=int(train["epochs"]))
+    epochs = eval_epochs(evaluations=len(history), eval_every=eval_every, max_epochs=max_epochs)
     if len(epochs) != len(history):
-        raise HarnessError(f"{results_path}: {len(history)} validation values, but {config_path} schedules {len(epochs)}")
+        raise HarnessError(f"{results_path}: {len(history)} validation values, but {run_dir / 'config.yaml'} schedules {len(epochs)}")
     return RunStatus(variant, seed, run_dir, results, harness, (epochs, history))
 
 
@@ -753,8 +786,15 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
         elif run.harness:
             last = run.harness[-1]
             state = f"not finished (last exit code {last['exit_code']}; log `{run.run_dir / 'train.log'}`)"
+        elif run.progress[0]:
+            state = "not finished (running, or stopped from outside the harness)"
         else:
             state = "not run yet"
+        if run.results is None and run.progress[0]:
+            epochs, values = run.progress
+            best = max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal bests
+            state += (f"; {len(values)} validation passes so far, the last after epoch {epochs[-1]}, "
+                      f"best valid {CURVE_METRIC} {values[best]:.4f} after epoch {epochs[best]}")
         lines.append(f"- `{run.variant}` seed {run.seed}: `{run.run_dir}` — {state}")
     lines.append("")
     if figure_link is not None:

@@ -213,6 +213,38 @@ def _metrics(hr5: float, n5: float, hr20: float, n20: float) -> dict[str, float]
     return {"HR@5": hr5, "NDCG@5": n5, "HR@20": hr20, "NDCG@20": n20}
 
 
+def test_an_unfinished_run_reports_the_validation_passes_it_has_logged(tmp_path: Path, fake_shared: Path) -> None:
+    """A run killed from outside (a session's end, an evicted pod) has no results.json and no
+    harness record; its block line says how far it got, from metrics.jsonl, by the config's
+    evaluation schedule (every 2nd epoch here: passes after epochs 1, 3, 5)."""
+    inv = _invocation(variants=("elcrec",), seeds=(1,))
+    run_dir = inv.run_dir(tmp_path / "runs", "elcrec", 1)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("train:\n  epochs: 300\n  eval_every: 2\n")
+    rows = [{"step": 5, "loss/total": 3.0}, {"step": 10, "valid/NDCG@20": 0.01, "valid/HR@20": 0.2},
+            {"step": 20, "valid/NDCG@20": 0.03}, {"step": 25, "loss/total": 2.0}, {"step": 30, "valid/NDCG@20": 0.03}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = rp.collect_run("elcrec", 1, run_dir)
+    assert not run.finished and run.curve == ((), ()) and run.progress == ((1, 3, 5), (0.01, 0.03, 0.03))
+    ctx = rp.ReportContext(inv, "to early stopping", "python bench/reproduce.py", "data/beauty", "configs/beauty.yaml")
+    lines = rp.render_block(ctx, [run], rp.parse_spec(fake_shared / "docs" / "elcrec-method.md"), None).splitlines()
+    assert (f"- `elcrec` seed 1: `{run_dir}` — not finished (running, or stopped from outside the harness); "
+            "3 validation passes so far, the last after epoch 5, best valid NDCG@20 0.0300 after epoch 3") in lines
+    assert "| `elcrec` | 0/1 | — | — | — | — | — | — | — | — | — | — | — |" in lines  # no test metrics yet
+    assert not rp.plot_curves([run], tmp_path / "x.png", title="t")  # plots hold finished runs only
+
+    rp.append_harness_record(run_dir, {"command": ["x"], "exit_code": 75, "started_at": "t", "wall_s": 1.0, "peak_rss_mib": 1.0})
+    lines = rp.render_block(ctx, [rp.collect_run("elcrec", 1, run_dir)], rp.parse_spec(fake_shared / "docs" / "elcrec-method.md"), None).splitlines()
+    assert any("last exit code 75" in line and line.endswith("best valid NDCG@20 0.0300 after epoch 3") for line in lines)
+
+    (run_dir / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(rp.HarnessError, match=r"metrics\.jsonl:2: not JSON"):
+        rp.collect_run("elcrec", 1, run_dir)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "valid/NDCG@20": 0.1}) + "\n" for i in range(151)))
+    with pytest.raises(rp.HarnessError, match="151 validation passes, but the config schedules 150"):
+        rp.collect_run("elcrec", 1, run_dir)
+
+
 def test_the_block_holds_means_sds_and_the_comparison_with_the_paper(tmp_path: Path, fake_shared: Path) -> None:
     inv = _invocation(variants=("elcrec", "sasrec", "b_icl"), seeds=(1, 2))
     root = tmp_path / "runs"
