@@ -790,7 +790,7 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
             state = "not finished (running, or stopped from outside the harness)"
         else:
             state = "not run yet"
-        if run.results is None and run.progress[0]:
+        if run.progress[0]:  # only unfinished runs have one
             epochs, values = run.progress
             best = max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal bests
             state += (f"; {len(values)} validation passes so far, the last after epoch {epochs[-1]}, "
