@@ -113,6 +113,71 @@ def verify(folder: Path) -> dict[str, Any] | None:
     return payload
 
 
+# Config keys a resumed run may change: where the data and the run folder are, how long to train,
+# how often to log and save, how evaluation is batched and which cut-offs it reports, and the
+# kernels' summation order. Every other key decides what the run computes; resuming with another
+# value would continue one run under another run's settings, so it is refused.
+RESUMABLE_KEYS = frozenset({
+    "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
+    "eval.ks", "kmeans.batch_size",
+})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    """How a resumed run's config differs from the one in its checkpoint (dotted keys)."""
+
+    changed: dict[str, tuple[Any, Any]]  # key -> (checkpoint's value, now), keys a resume may not change
+    unrecorded: list[str]  # keys the checkpoint does not record (written before they existed)
+    dropped: list[str]  # keys the checkpoint records that this version no longer has
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
+    """Compare the config a checkpoint recorded with the one a resume brings (both ``to_dict`` form)."""
+    old = _flatten(json.loads(json.dumps(stored)))  # the JSON round trip a checkpoint went through
+    new = _flatten(json.loads(json.dumps(current)))
+    changed = {
+        key: (old[key], new[key])
+        for key in sorted(old.keys() & new.keys())
+        if old[key] != new[key] and key not in RESUMABLE_KEYS
+    }
+    return ConfigChanges(changed, sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()))
+
+
+def refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
+    """Raise ``CheckpointError`` naming every key a resume from ``folder`` may not change."""
+    if changes.changed:
+        listed = "; ".join(f"{key}: {before!r} in the checkpoint, {after!r} now" for key, (before, after) in changes.changed.items())
+        raise CheckpointError(
+            f"cannot resume from {folder}: the config differs from the one the run was started with ({listed}). "
+            "Resume with the run's own settings (its config.yaml), or start a new run folder"
+        )
+
+
+def newest_recorded_config(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The config in the newest checkpoint's commit record, without verifying its files (cheap;
+    ``latest_checkpoint`` verifies before anything is restored)."""
+    for folder in checkpoint_folders(run_dir):
+        try:
+            payload = json.loads((folder / COMMIT_NAME).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(payload, dict) and payload.get("format") == FORMAT and isinstance(payload.get("config"), dict):
+            return folder, payload["config"]
+    return None
+
+
 def checkpoint_folders(run_dir: Path) -> list[Path]:
     """Every ``step-N`` folder under ``run_dir/checkpoints``, newest first, complete or not."""
     root = run_dir / CHECKPOINTS

@@ -340,6 +340,13 @@ def fit(
     resuming = found is not None
     if found is not None:
         folder, committed = found
+        changes = ckpt.config_changes(committed.get("config", {}), config.to_dict())
+        ckpt.refuse_changed_config(folder, changes)
+        if changes.unrecorded and dist_utils.is_main():
+            logger.warning("%s does not record %s (written before they existed); continuing with this run's values",
+                           folder, ", ".join(changes.unrecorded))
+        if changes.dropped and dist_utils.is_main():
+            logger.warning("%s records %s, which this version no longer has", folder, ", ".join(changes.dropped))
         state = ckpt.TrainState.from_dict(committed["state"])
         if state.world_size != world:
             raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} ranks; this run has {world}")

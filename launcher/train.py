@@ -44,7 +44,7 @@ def main() -> int:
     if not config.data.path:
         raise ConfigError("no dataset: pass --data or set data.path")
 
-    from elcrec_dist.session import finish_run, prepare_run_dir
+    from elcrec_dist.session import check_resumable, finish_run, prepare_run_dir
     from elcrec_dist.stream import StreamingDataset
     from elcrec_dist.train import fit
 
@@ -53,6 +53,8 @@ def main() -> int:
     device = dist_utils.init(local_rank=args.local_rank)
     try:
         setup_console(main=dist_utils.is_main())
+        if args.resume:
+            check_resumable(config)  # before config.yaml and the logs are touched
         run_dir = prepare_run_dir(config)
         run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
         logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users, info.num_items, dist_utils.world_size())

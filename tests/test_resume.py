@@ -123,6 +123,34 @@ def test_resume_auto_starts_afresh_without_a_checkpoint_then_resumes(data: Path,
     assert "resumed from" in second.stderr and "epoch 1, step 0" in second.stderr
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_that_changes_the_computation_is_refused_before_anything_is_written(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "changed"
+    base = [sys.executable, "launcher/train.py", "--config", "configs/demo.yaml", "--data", str(data), "--run-dir", str(run_dir),
+            "--set", "train.epochs=1", "--set", "model.num_clusters=8", "--set", "kmeans.sample_users=500"]
+    first = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(run_dir)
+    config_text = (run_dir / "config.yaml").read_text()
+
+    changed = subprocess.run([*base, "--set", "train.lr=0.01", "--set", "loss.fusion=none", "--resume", "auto"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "cannot resume" in changed.stderr and "train.lr" in changed.stderr and "loss.fusion" in changed.stderr
+    assert "train.epochs" not in changed.stderr
+    assert _snapshot(run_dir) == before  # config.yaml, logs, TensorBoard and checkpoints untouched
+    assert (run_dir / "config.yaml").read_text() == config_text
+
+    # what a resume may change (how long, how often) goes through
+    longer = subprocess.run([*base, "--set", "train.epochs=2", "--set", "train.log_every=7", "--resume"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resumed from" in longer.stderr and "epoch 1, step 0" in longer.stderr
+
+
 def test_a_run_killed_after_its_early_stop_only_finishes(data: Path, tmp_path: Path) -> None:
     """Killed between the last checkpoint and results.json: the resumed run trains nothing more."""
     run_dir = tmp_path / "stopped"
