@@ -114,13 +114,15 @@ def verify(folder: Path) -> dict[str, Any] | None:
 
 
 # Config keys a resumed run may change: where the data and the run folder are, how long to train,
-# how often to log and save, how evaluation is batched and which cut-offs it reports, and the
-# kernels' summation order. Every other key decides what the run computes; resuming with another
+# how often to log and save, how evaluation is batched and which cut-offs it reports, the
+# kernels' summation order, and how ZeRO buckets its collectives (smaller buckets after an
+# out-of-memory kill). Every other key decides what the run computes; resuming with another
 # value would continue one run under another run's settings, so it is refused.
 RESUMABLE_KEYS = frozenset({
     "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
-    "eval.ks", "kmeans.batch_size",
+    "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
+    "deepspeed.overlap_comm",
 })
 
 

@@ -227,9 +227,22 @@ class DeepSpeedConfig:
     bf16: bool = False
     torch_adam: bool = True  # fused Adam needs a JIT compile; torch Adam is the CPU choice
     gradient_clipping: float = 0.0
+    # ZeRO stage 1/2 communication (elements per bucket; DeepSpeed's defaults). Smaller buckets
+    # lower the peak memory of gradient reduction and parameter gathering at the cost of more,
+    # smaller collectives; overlap_comm runs the reduction alongside the backward pass (more
+    # memory). They change how gradients travel, not what they sum to, so a resume may change them.
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
 
     def validate(self) -> None:
         _require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
+        _require(self.reduce_bucket_size >= 1, f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
+        # ZeRO aligns its all-gather buffers to 4 bytes, counted in 2-byte elements
+        _require(
+            self.allgather_bucket_size >= 2 and self.allgather_bucket_size % 2 == 0,
+            f"deepspeed.allgather_bucket_size must be a positive even number, got {self.allgather_bucket_size}",
+        )
         # At stage 0 DeepSpeed keeps bf16 master weights in an optimizer without the fp32
         # accessors that the centres' per-step re-projection writes through (train.project_centres).
         _require(

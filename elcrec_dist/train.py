@@ -63,7 +63,12 @@ def deepspeed_config(config: ExperimentConfig, world: int) -> dict[str, Any]:
                 "adam_w_mode": False,
             },
         },
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
+            "overlap_comm": ds.overlap_comm,
+        },
         "bf16": {"enabled": ds.bf16},
         "gradient_clipping": ds.gradient_clipping,
         "steps_per_print": 1 << 30,

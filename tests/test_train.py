@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from elcrec_dist.batching import make_train_batch, sample_negatives
-from elcrec_dist.config import load_config
+from elcrec_dist.config import ConfigError, load_config
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.train import centre_stats, deepspeed_config, init_centres, step_seed
@@ -130,6 +130,36 @@ def test_engine_step_equals_plain_adam_then_projection() -> None:
     for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-6), name
     assert torch.allclose(model.cluster_centers.norm(dim=1), torch.ones(3), atol=1e-6)
+
+
+def test_zero_bucket_sizes_reach_the_engine_and_leave_the_step_unchanged() -> None:
+    """deepspeed.reduce/allgather_bucket_size and overlap_comm are passed to ZeRO; buckets of a few
+    elements (every parameter split over many collectives) give the step of the default buckets."""
+    from elcrec_dist import distributed as dist_utils
+    from elcrec_dist.train import build_engine, train_step
+
+    dist_utils.init()
+    seqs = _tiny_data(4)
+    states = []
+    for extra in ([], ["deepspeed.reduce_bucket_size=7", "deepspeed.allgather_bucket_size=10", "deepspeed.overlap_comm=true"]):
+        cfg = _tiny_config(["deepspeed.zero_stage=1", *extra])
+        ds = deepspeed_config(cfg, 1)["zero_optimization"]
+        torch.manual_seed(0)
+        model = ELCRec(cfg.model, num_items=20)
+        batch = make_train_batch(seqs, num_items=20, max_len=6, augment=cfg.augment, generator=torch.Generator().manual_seed(1))
+        engine = build_engine(model, cfg)
+        assert (engine.zero_reduce_bucket_size(), engine.zero_allgather_bucket_size(), engine.zero_overlap_comm()) == (
+            ds["reduce_bucket_size"], ds["allgather_bucket_size"], ds["overlap_comm"])
+        for _ in range(2):
+            train_step(engine, batch, cfg)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert ds["reduce_bucket_size"] == 7 and ds["allgather_bucket_size"] == 10 and ds["overlap_comm"] is True
+    for name, value in states[0].items():
+        assert torch.allclose(value, states[1][name], atol=1e-7), name
+    with pytest.raises(ConfigError, match="reduce_bucket_size"):
+        load_config(None, ["deepspeed.reduce_bucket_size=0"])
+    with pytest.raises(ConfigError, match="allgather_bucket_size must be a positive even number, got 11"):
+        load_config(None, ["deepspeed.allgather_bucket_size=11"])
 
 
 def test_step_seed_depends_on_seed_rank_and_step_only() -> None:
