@@ -83,13 +83,16 @@ def _files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME and not p.name.endswith(".tmp"))
 
 
-def commit(folder: Path, *, state: TrainState, config: dict[str, Any]) -> None:
-    """Write ``COMMITTED.json`` (files, sizes, sha256, state) last, atomically. Rank 0 only."""
+def commit(folder: Path, *, state: TrainState, config: dict[str, Any], dataset: dict[str, Any] | None = None) -> None:
+    """Write ``COMMITTED.json`` (files, sizes, sha256, state, config, the dataset's fingerprint)
+    last, atomically. Rank 0 only."""
     files = [
         {"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in _files_of(folder)
     ]
-    payload = {"format": FORMAT, "state": state.to_dict(), "config": config, "files": files}
+    payload: dict[str, Any] = {"format": FORMAT, "state": state.to_dict(), "config": config, "files": files}
+    if dataset is not None:
+        payload["dataset"] = dataset
     tmp = folder / (COMMIT_NAME + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, folder / COMMIT_NAME)
@@ -157,8 +160,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
     return ConfigChanges(changed, sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()))
 
 
-def refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
-    """Raise ``CheckpointError`` naming every key a resume from ``folder`` may not change."""
+def _refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
     if changes.changed:
         listed = "; ".join(f"{key}: {before!r} in the checkpoint, {after!r} now" for key, (before, after) in changes.changed.items())
         raise CheckpointError(
@@ -167,16 +169,35 @@ def refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
         )
 
 
-def newest_recorded_config(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The config in the newest checkpoint's commit record, without verifying its files (cheap;
-    ``latest_checkpoint`` verifies before anything is restored)."""
+def check_resume(folder: Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any]) -> ConfigChanges:
+    """Raise ``CheckpointError`` if resuming from ``folder`` (commit ``record``) would change what
+    the run computes: a config key outside ``RESUMABLE_KEYS``, or another dataset (``dataset`` is
+    ``DatasetInfo.fingerprint()``; a record from before fingerprints were kept is not checked).
+    Returns the config comparison, for its warnings about keys the record lacks."""
+    changes = config_changes(record.get("config", {}), config)
+    _refuse_changed_config(folder, changes)
+    recorded = record.get("dataset")
+    if recorded is not None and recorded != dataset:
+        listed = "; ".join(
+            f"{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now" for key, value in dataset.items() if recorded.get(key) != value
+        )
+        raise CheckpointError(
+            f"cannot resume from {folder}: it was trained on another dataset ({listed}); "
+            "a rebuilt or different dataset needs a new run folder"
+        )
+    return changes
+
+
+def newest_record(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint's commit record, without verifying its files (cheap, for checks made
+    before anything is loaded; ``latest_checkpoint`` verifies before anything is restored)."""
     for folder in checkpoint_folders(run_dir):
         try:
             payload = json.loads((folder / COMMIT_NAME).read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(payload, dict) and payload.get("format") == FORMAT and isinstance(payload.get("config"), dict):
-            return folder, payload["config"]
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            return folder, payload
     return None
 
 

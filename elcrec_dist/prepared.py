@@ -59,6 +59,18 @@ class DatasetInfo:
     def padding_id(self) -> int:
         return 0
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this dataset wherever it is stored: its counts and the digest of its
+        files (names, in order, and their sha256 from the manifest; nothing is read). A rebuilt or
+        re-sharded dataset gets another one; a copy moved to another place keeps it."""
+        listing = "\n".join(f"{entry.path} {entry.sha256}" for entry in self.files)
+        return {
+            "num_users": self.num_users,
+            "num_items": self.num_items,
+            "num_interactions": self.num_interactions,
+            "files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        }
+
 
 def _fs_and_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(url)

@@ -15,22 +15,27 @@ from elcrec_dist import checkpoint as ckpt
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.model import ELCRec
+from elcrec_dist.prepared import DatasetInfo
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.train import FitResult, popularity_and_recovery
 
 
-def check_resumable(config: ExperimentConfig) -> None:
-    """Refuse, before anything in the run folder is written, a resume whose config changes what
-    the run computes (``checkpoint.RESUMABLE_KEYS`` lists what may change). Every rank raises."""
-    changes = None
+def check_resumable(config: ExperimentConfig, info: DatasetInfo) -> None:
+    """Refuse, before anything in the run folder is written, a resume that would change what the
+    run computes: its config (``checkpoint.RESUMABLE_KEYS`` lists what may change) or its dataset.
+    Every rank raises."""
+    problem = None
     if dist_utils.is_main():
-        found = ckpt.newest_recorded_config(Path(config.train.run_dir))
+        found = ckpt.newest_record(Path(config.train.run_dir))
         if found is not None:
-            changes = found[0], ckpt.config_changes(found[1], config.to_dict())
-    changes = dist_utils.broadcast_object(changes)
-    if changes is not None:
-        ckpt.refuse_changed_config(*changes)
+            try:
+                ckpt.check_resume(*found, config=config.to_dict(), dataset=info.fingerprint())
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+    problem = dist_utils.broadcast_object(problem)
+    if problem is not None:
+        raise ckpt.CheckpointError(problem)
 
 
 def prepare_run_dir(config: ExperimentConfig) -> Path:

@@ -27,6 +27,7 @@ from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.evaluation import evaluate_sums, finalize
 from elcrec_dist.losses import BatchShard, TrainBatch, elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
+from elcrec_dist.prepared import DatasetInfo
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
 
@@ -345,8 +346,7 @@ def fit(
     resuming = found is not None
     if found is not None:
         folder, committed = found
-        changes = ckpt.config_changes(committed.get("config", {}), config.to_dict())
-        ckpt.refuse_changed_config(folder, changes)
+        changes = ckpt.check_resume(folder, committed, config=config.to_dict(), dataset=data.info.fingerprint())
         if changes.unrecorded and dist_utils.is_main():
             logger.warning("%s does not record %s (written before they existed); continuing with this run's values",
                            folder, ", ".join(changes.unrecorded))
@@ -413,7 +413,7 @@ def fit(
                 run_log.log({**terms, "lr": config.train.lr}, step=state.global_step)
             if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
                 state.centre_wins = [int(n) for n in dist_utils.global_sum(wins).tolist()]
-                save_checkpoint(engine, config, state, run_dir)
+                save_checkpoint(engine, config, state, run_dir, dataset=data.info)
         seconds = max(time.time() - epoch_start, 1e-9)
         state.seconds["train"] += seconds
         total_seen = dist_utils.all_reduce_sums({"seen": float(seen)}, device)["seen"]
@@ -439,7 +439,7 @@ def fit(
             else:
                 state.bad_evals += 1
                 stopped_early = state.bad_evals >= config.train.patience
-        save_checkpoint(engine, config, state, run_dir)
+        save_checkpoint(engine, config, state, run_dir, dataset=data.info)
         if stopped_early:
             logger.info("early stop after epoch %d: no better %s for %d evaluations", epoch, select, state.bad_evals)
             break
@@ -469,13 +469,13 @@ def save_model_file(path: Path, model: ELCRec, config: ExperimentConfig, meta: d
     ckpt.save_model(path, state=model.state_dict(), config=config.to_dict(), meta=meta)
 
 
-def save_checkpoint(engine: Any, config: ExperimentConfig, state: ckpt.TrainState, run_dir: Path) -> None:
+def save_checkpoint(engine: Any, config: ExperimentConfig, state: ckpt.TrainState, run_dir: Path, *, dataset: DatasetInfo) -> None:
     """Every rank writes its engine state; after a barrier rank 0 commits (manifest last) and prunes."""
     folder = run_dir / ckpt.CHECKPOINTS / ckpt.tag_of(state.global_step)
     engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
     dist_utils.barrier()
     if dist_utils.is_main():
-        ckpt.commit(folder, state=state, config=config.to_dict())
+        ckpt.commit(folder, state=state, config=config.to_dict(), dataset=dataset.fingerprint())
         ckpt.prune(run_dir, keep=config.train.keep_checkpoints)
     dist_utils.barrier()
 

@@ -54,7 +54,7 @@ def main() -> int:
     try:
         setup_console(main=dist_utils.is_main())
         if args.resume:
-            check_resumable(config)  # before config.yaml and the logs are touched
+            check_resumable(config, info)  # before config.yaml and the logs are touched
         run_dir = prepare_run_dir(config)
         run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
         logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users, info.num_items, dist_utils.world_size())

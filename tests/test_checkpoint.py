@@ -1,4 +1,5 @@
-"""``elcrec_dist.checkpoint``: which config changes a resume accepts, checked key by key."""
+"""``elcrec_dist.checkpoint``: which config changes a resume accepts, checked key by key, and the
+dataset fingerprint that keeps a run from resuming on other data."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def test_a_resume_may_not_change_what_the_run_computes(override: str, key: str, 
     changes = ckpt.config_changes(stored, _config(override))
     expected_before = before if before is not None else ckpt._flatten(stored)[key]
     assert changes.changed == {key: (expected_before, after)}
+    record = {"config": stored}
     with pytest.raises(ckpt.CheckpointError, match=key.replace(".", r"\.")):
-        ckpt.refuse_changed_config(Path("run/checkpoints/step-00000001"), changes)
+        ckpt.check_resume(Path("run/checkpoints/step-00000001"), record, config=_config(override), dataset={})
 
 
 def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
@@ -54,16 +56,57 @@ def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
     stored["train"]["retired_option"] = 1
     changes = ckpt.config_changes(stored, current)
     assert changes == ckpt.ConfigChanges({}, ["loss.centre_gradient", "train.deterministic"], ["train.retired_option"])
-    ckpt.refuse_changed_config(Path("x"), changes)  # nothing to refuse
+    assert ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}) == changes  # nothing refused
 
 
-def test_newest_recorded_config_reads_the_newest_commit_record(tmp_path: Path) -> None:
+def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
     root = tmp_path / ckpt.CHECKPOINTS
     for step, lr in ((10, 0.1), (20, 0.2)):
         folder = root / ckpt.tag_of(step)
         folder.mkdir(parents=True)
         ckpt.commit(folder, state=ckpt.TrainState(), config={"train": {"lr": lr}})
     (root / ckpt.tag_of(30)).mkdir()  # a save that never committed
-    found = ckpt.newest_recorded_config(tmp_path)
-    assert found is not None and found[0].name == ckpt.tag_of(20) and found[1] == {"train": {"lr": 0.2}}
-    assert ckpt.newest_recorded_config(tmp_path / "nothing") is None
+    found = ckpt.newest_record(tmp_path)
+    assert found is not None and found[0].name == ckpt.tag_of(20) and found[1]["config"] == {"train": {"lr": 0.2}}
+    assert "dataset" not in found[1]
+    assert ckpt.newest_record(tmp_path / "nothing") is None
+
+
+def _prepared(folder: Path, sequences: list[list[int]], num_items: int = 9):
+    import numpy as np
+    import pyarrow as pa
+
+    from data_prep.writer import write_prepared_dataset
+    from elcrec_dist.stream import StreamingDataset
+
+    table = pa.table({"user_id": pa.array(range(1, len(sequences) + 1), pa.int64()),
+                      "items": pa.array([np.array(s, np.int32) for s in sequences], pa.list_(pa.int32()))})
+    write_prepared_dataset(str(folder), table, num_items=num_items)
+    return StreamingDataset.open(str(folder)).info
+
+
+def test_the_dataset_fingerprint_follows_the_content_not_the_place(tmp_path: Path) -> None:
+    sequences = [[1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 4, 6, 8]]
+    first = _prepared(tmp_path / "a", sequences)
+    moved = _prepared(tmp_path / "elsewhere", sequences)
+    assert first.fingerprint() == moved.fingerprint()
+    assert first.fingerprint()["num_interactions"] == 13
+    rebuilt = _prepared(tmp_path / "b", [[1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 4, 6, 9]])  # one item differs
+    assert rebuilt.fingerprint()["num_interactions"] == 13
+    assert rebuilt.fingerprint()["files_sha256"] != first.fingerprint()["files_sha256"]
+
+
+def test_a_resume_on_another_dataset_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    folder = root / ckpt.CHECKPOINTS / ckpt.tag_of(5)
+    folder.mkdir(parents=True)
+    config = _config()
+    recorded = {"num_users": 3, "num_items": 9, "num_interactions": 13, "files_sha256": "aa"}
+    ckpt.commit(folder, state=ckpt.TrainState(), config=config, dataset=recorded)
+    found = ckpt.newest_record(root)
+    assert found is not None and found[1]["dataset"] == recorded
+    ckpt.check_resume(*found, config=config, dataset=dict(recorded))  # the same data: fine
+    with pytest.raises(ckpt.CheckpointError, match=r"another dataset \(num_users: 3 in the checkpoint, 4 now; files_sha256: 'aa' in the checkpoint, 'bb' now\)"):
+        ckpt.check_resume(*found, config=config, dataset={**recorded, "num_users": 4, "files_sha256": "bb"})
+    # a checkpoint from before fingerprints were recorded is not checked
+    ckpt.check_resume(folder, {"config": config}, config=config, dataset={**recorded, "num_users": 4})

@@ -144,6 +144,16 @@ def test_a_resume_that_changes_the_computation_is_refused_before_anything_is_wri
     assert _snapshot(run_dir) == before  # config.yaml, logs, TensorBoard and checkpoints untouched
     assert (run_dir / "config.yaml").read_text() == config_text
 
+    # the same settings on a rebuilt dataset (another seed: same sizes, other sequences)
+    other = tmp_path / "rebuilt"
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(other), "--users", "1200", "--items", "200",
+                    "--intents", "4", "--seed", "6"], cwd=REPO, check=True, capture_output=True)
+    rebuilt = [*base, "--data", str(other), "--resume"]  # the later --data wins
+    moved = subprocess.run(rebuilt, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 2, moved.stderr[-2000:]
+    assert "another dataset" in moved.stderr and "files_sha256" in moved.stderr
+    assert _snapshot(run_dir) == before
+
     # what a resume may change (how long, how often) goes through
     longer = subprocess.run([*base, "--set", "train.epochs=2", "--set", "train.log_every=7", "--resume"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
