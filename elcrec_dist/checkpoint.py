@@ -169,11 +169,17 @@ def _refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
         )
 
 
-def check_resume(folder: Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any]) -> ConfigChanges:
+def check_resume(
+    folder: Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any], world: int
+) -> ConfigChanges:
     """Raise ``CheckpointError`` if resuming from ``folder`` (commit ``record``) would change what
-    the run computes: a config key outside ``RESUMABLE_KEYS``, or another dataset (``dataset`` is
+    the run computes: another number of ranks (each rank's data shard and optimizer partition),
+    a config key outside ``RESUMABLE_KEYS``, or another dataset (``dataset`` is
     ``DatasetInfo.fingerprint()``; a record from before fingerprints were kept is not checked).
     Returns the config comparison, for its warnings about keys the record lacks."""
+    written_by = record.get("state", {}).get("world_size", world)
+    if written_by != world:
+        raise CheckpointError(f"{folder} was written by {written_by} ranks; this run has {world}")
     changes = config_changes(record.get("config", {}), config)
     _refuse_changed_config(folder, changes)
     recorded = record.get("dataset")

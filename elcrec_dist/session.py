@@ -23,14 +23,14 @@ from elcrec_dist.train import FitResult, popularity_and_recovery
 
 def check_resumable(config: ExperimentConfig, info: DatasetInfo) -> None:
     """Refuse, before anything in the run folder is written, a resume that would change what the
-    run computes: its config (``checkpoint.RESUMABLE_KEYS`` lists what may change) or its dataset.
-    Every rank raises."""
+    run computes: its number of ranks, its config (``checkpoint.RESUMABLE_KEYS`` lists what may
+    change) or its dataset. Every rank raises."""
     problem = None
     if dist_utils.is_main():
         found = ckpt.newest_record(Path(config.train.run_dir))
         if found is not None:
             try:
-                ckpt.check_resume(*found, config=config.to_dict(), dataset=info.fingerprint())
+                ckpt.check_resume(*found, config=config.to_dict(), dataset=info.fingerprint(), world=dist_utils.world_size())
             except ckpt.CheckpointError as exc:
                 problem = str(exc)
     problem = dist_utils.broadcast_object(problem)

@@ -346,15 +346,13 @@ def fit(
     resuming = found is not None
     if found is not None:
         folder, committed = found
-        changes = ckpt.check_resume(folder, committed, config=config.to_dict(), dataset=data.info.fingerprint())
+        changes = ckpt.check_resume(folder, committed, config=config.to_dict(), dataset=data.info.fingerprint(), world=world)
         if changes.unrecorded and dist_utils.is_main():
             logger.warning("%s does not record %s (written before they existed); continuing with this run's values",
                            folder, ", ".join(changes.unrecorded))
         if changes.dropped and dist_utils.is_main():
             logger.warning("%s records %s, which this version no longer has", folder, ", ".join(changes.dropped))
         state = ckpt.TrainState.from_dict(committed["state"])
-        if state.world_size != world:
-            raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} ranks; this run has {world}")
     elif config.model.intents == "learned":  # epoch_kmeans sets the centres at every epoch start
         t0 = time.perf_counter()
         start = init_centres(model, data, config)

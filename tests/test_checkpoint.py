@@ -46,7 +46,7 @@ def test_a_resume_may_not_change_what_the_run_computes(override: str, key: str, 
     assert changes.changed == {key: (expected_before, after)}
     record = {"config": stored}
     with pytest.raises(ckpt.CheckpointError, match=key.replace(".", r"\.")):
-        ckpt.check_resume(Path("run/checkpoints/step-00000001"), record, config=_config(override), dataset={})
+        ckpt.check_resume(Path("run/checkpoints/step-00000001"), record, config=_config(override), dataset={}, world=1)
 
 
 def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
@@ -56,7 +56,7 @@ def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
     stored["train"]["retired_option"] = 1
     changes = ckpt.config_changes(stored, current)
     assert changes == ckpt.ConfigChanges({}, ["loss.centre_gradient", "train.deterministic"], ["train.retired_option"])
-    assert ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}) == changes  # nothing refused
+    assert ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}, world=1) == changes  # nothing refused
 
 
 def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
@@ -105,8 +105,11 @@ def test_a_resume_on_another_dataset_is_refused(tmp_path: Path) -> None:
     ckpt.commit(folder, state=ckpt.TrainState(), config=config, dataset=recorded)
     found = ckpt.newest_record(root)
     assert found is not None and found[1]["dataset"] == recorded
-    ckpt.check_resume(*found, config=config, dataset=dict(recorded))  # the same data: fine
+    ckpt.check_resume(*found, config=config, dataset=dict(recorded), world=1)  # the same data: fine
     with pytest.raises(ckpt.CheckpointError, match=r"another dataset \(num_users: 3 in the checkpoint, 4 now; files_sha256: 'aa' in the checkpoint, 'bb' now\)"):
-        ckpt.check_resume(*found, config=config, dataset={**recorded, "num_users": 4, "files_sha256": "bb"})
+        ckpt.check_resume(*found, config=config, dataset={**recorded, "num_users": 4, "files_sha256": "bb"}, world=1)
     # a checkpoint from before fingerprints were recorded is not checked
-    ckpt.check_resume(folder, {"config": config}, config=config, dataset={**recorded, "num_users": 4})
+    ckpt.check_resume(folder, {"config": config}, config=config, dataset={**recorded, "num_users": 4}, world=1)
+    # another number of ranks: each rank's shard of the data and of the optimizer state differs
+    with pytest.raises(ckpt.CheckpointError, match="written by 1 ranks; this run has 2"):
+        ckpt.check_resume(*found, config=config, dataset=dict(recorded), world=2)
