@@ -4,7 +4,7 @@
         -- --config /etc/elcrec/config.yaml --data s3://... --run-dir s3://...
 
 Reads the pod's place in the job from the scheduler's environment (Kubernetes Indexed Job,
-Kubeflow PyTorchJob or Volcano; see ``elcrec_dist.cluster_env``), waits until the master's name
+Kubeflow PyTorchJob or Volcano; see ``launcher.cluster_env``), waits until the master's name
 resolves, writes a DeepSpeed hostfile and runs
 
     deepspeed --no_ssh --hostfile H --node_rank R --master_addr A --master_port P \\
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from elcrec_dist.cluster_env import ClusterSpec, detect, wait_for_master
+from launcher.cluster_env import ClusterSpec, detect, wait_for_master
 from launcher.common import run_main
 
 DEFAULT_MODULE = "launcher.train"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from elcrec_dist.cluster_env import (
+from elcrec_dist.errors import EXIT_PERMANENT, EXIT_RETRYABLE, exit_code_for
+from launcher.cluster_env import (
     ClusterEnvError,
     ClusterSpec,
     MasterUnreachable,
@@ -22,7 +23,6 @@ from elcrec_dist.cluster_env import (
     parse_host_aliases,
     wait_for_master,
 )
-from elcrec_dist.errors import EXIT_PERMANENT, EXIT_RETRYABLE, exit_code_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,7 +320,7 @@ def test_sigterm_reaches_the_training_processes(tmp_path: Path):
     """)
     driver = textwrap.dedent(f"""
         import os, sys
-        from elcrec_dist.cluster_env import detect
+        from launcher.cluster_env import detect
         from launcher.entrypoint import run_node
         spec = detect({INDEXED!r}, device_count=lambda: 0)
         sys.exit(run_node(spec, [sys.executable, "-c", {trainer!r}], env=os.environ))

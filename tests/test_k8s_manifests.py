@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from elcrec_dist.cluster_env import detect
 from elcrec_dist.config import load_config
+from launcher.cluster_env import detect
 from launcher.k8s import manifests as m
 from launcher.k8s.cli import main as cli_main
 
