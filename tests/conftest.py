@@ -1,17 +1,101 @@
-"""Shared fixtures: the ../shared folder beside the repository, a prepared Beauty dataset and a
-small synthetic one."""
+"""Shared fixtures: the ../shared folder beside the repository, the prepared Beauty dataset, a
+local S3 server, and the test-data factory: ``write_prepared`` writes a prepared dataset of any
+size through the project's own writer, ``prepared_sets`` caches synthetic ones for the session.
+
+Test modules import the factory and its types as ``from conftest import ...`` (pytest puts
+``tests/`` on ``sys.path``, as it does for ``launch``), and use the fixtures by name."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
+
+from data_prep.synthetic import SyntheticSpec, write_synthetic
+from data_prep.writer import write_prepared_dataset
+from elcrec_dist import prepared
+from elcrec_dist.prepared import ARROW_SCHEMA, DatasetInfo
 
 # The repository sits next to ``shared/`` (here /work/main beside /work/shared; CI clones the
 # repo elsewhere with ../shared beside it).
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+# A user's item sequence as the tests hold it: a list of ids or an int array.
+Items = Sequence[int] | np.ndarray
+
+
+# --- the test-data factory ----------------------------------------------------------------------
+
+
+def write_prepared(
+    out: Path,
+    data: SyntheticSpec | Sequence[Items],
+    *,
+    num_items: int | None = None,
+    user_ids: Sequence[int] | np.ndarray | None = None,
+    shards: int = 2,
+    rows_per_group: int | None = None,
+) -> Path:
+    """Write a prepared dataset to ``out`` through the project's writer; returns ``out``.
+
+    ``data`` is either
+    - a ``SyntheticSpec``: planted-intent users, byte for byte what
+      ``python -m data_prep.synthetic --output OUT --shards SHARDS`` writes with the same
+      arguments (``planted_intents.parquet`` included); ``num_items`` is the spec's ``items``;
+    - or the users' item sequences [U] of ids in 1..num_items, written as given, with user ids
+      ``user_ids`` [U] (default 1..U) and ``num_items`` required.
+
+    ``shards`` is the number of Parquet files (2, the command line's default); ``rows_per_group``
+    (default ``prepared.ROW_GROUP_SIZE``, 4096) is set small to get many row groups, the streaming
+    reader's work units, from a few users.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        if rows_per_group is not None:
+            mp.setattr(prepared, "ROW_GROUP_SIZE", rows_per_group)
+        if isinstance(data, SyntheticSpec):
+            if num_items is not None or user_ids is not None:
+                raise TypeError("a SyntheticSpec fixes the items and user ids: give neither")
+            write_synthetic(str(out), data, shards=shards)
+        else:
+            if num_items is None:
+                raise TypeError("explicit sequences need num_items (the catalogue size)")
+            table = _user_table(data, user_ids)
+            write_prepared_dataset(str(out), table, num_items=num_items, shards=shards)
+    return out
+
+
+def _user_table(
+    sequences: Sequence[Items], user_ids: Sequence[int] | np.ndarray | None
+) -> pa.Table:
+    """The writer's input table: user ids [U] (default 1..U) and their item lists, int32."""
+    ids = np.arange(1, len(sequences) + 1) if user_ids is None else np.asarray(user_ids)
+    items = [np.asarray(s, np.int32) for s in sequences]
+    return pa.table(
+        {"user_id": pa.array(ids, pa.int64()), "items": pa.array(items, pa.list_(pa.int32()))},
+        schema=ARROW_SCHEMA,
+    )
+
+
+class PreparedSets:
+    """Synthetic prepared sets written once per session and shared: read them, never change them.
+
+    ``prepared_sets(SyntheticSpec(users=400, items=100, intents=4, seed=4))`` returns the folder
+    of that set, writing it on the first call.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._written: dict[tuple[SyntheticSpec, int], Path] = {}
+
+    def __call__(self, spec: SyntheticSpec, *, shards: int = 2) -> Path:
+        key = (spec, shards)
+        if key not in self._written:
+            out = self._root / f"set-{len(self._written)}"
+            self._written[key] = write_prepared(out, spec, shards=shards)
+        return self._written[key]
 
 
 @pytest.fixture(scope="session")
@@ -36,24 +120,26 @@ def beauty_prepared(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def beauty_sequences(beauty_prepared: Path):
-    """(info, user ids, sequences) of the prepared Beauty dataset."""
-    from elcrec_dist.prepared import load_sequences
-
-    return load_sequences(str(beauty_prepared))
+def beauty_sequences(beauty_prepared: Path) -> tuple[DatasetInfo, np.ndarray, list[np.ndarray]]:
+    """(info, user ids [U], sequences) of the prepared Beauty dataset."""
+    return prepared.load_sequences(str(beauty_prepared))
 
 
 @pytest.fixture(scope="session")
-def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared synthetic dataset of 60 users and 40 items (read-only; shared by the session)."""
-    out = tmp_path_factory.mktemp("small_synthetic") / "data"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "60", "--items", "40"],
-                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
-    return out
+def prepared_sets(tmp_path_factory: pytest.TempPathFactory) -> PreparedSets:
+    """The session's cache of synthetic prepared sets (``PreparedSets``)."""
+    return PreparedSets(tmp_path_factory.mktemp("prepared_sets"))
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def small_synthetic(prepared_sets: PreparedSets) -> Path:
+    """A prepared synthetic dataset of 60 users and 40 items (8 planted intents, seed 0; read-only;
+    shared by the session)."""
+    return prepared_sets(SyntheticSpec(users=60, items=40))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
     """A local S3-protocol server (moto) on loopback for the session; yields its endpoint URL.
 
     Tests reach it through the ``s3_env`` fixture, which points the environment at it.
@@ -74,7 +160,7 @@ def s3_server():
 
 
 @pytest.fixture
-def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch):
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Environment pointing s3fs at ``s3_server``, and a fresh bucket; yields the bucket name.
 
     Endpoint and credentials come from the environment only (as in production). fsspec caches

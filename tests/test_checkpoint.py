@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_prepared
 
 from elcrec_dist import checkpoint as ckpt
 from elcrec_dist.config import load_config
+from elcrec_dist.prepared import DatasetInfo
+from elcrec_dist.stream import StreamingDataset
 
 
 def _config(*overrides: str) -> dict:
@@ -72,16 +75,8 @@ def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
     assert ckpt.newest_record(tmp_path / "nothing") is None
 
 
-def _prepared(folder: Path, sequences: list[list[int]], num_items: int = 9):
-    import numpy as np
-    import pyarrow as pa
-
-    from data_prep.writer import write_prepared_dataset
-    from elcrec_dist.stream import StreamingDataset
-
-    table = pa.table({"user_id": pa.array(range(1, len(sequences) + 1), pa.int64()),
-                      "items": pa.array([np.array(s, np.int32) for s in sequences], pa.list_(pa.int32()))})
-    write_prepared_dataset(str(folder), table, num_items=num_items)
+def _prepared(folder: Path, sequences: list[list[int]], num_items: int = 9) -> DatasetInfo:
+    write_prepared(folder, sequences, num_items=num_items, shards=1)
     return StreamingDataset.open(str(folder)).info
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_losses import naive_nt_xent, randn, rotation_fixing, sq_dist, unit
 
 from elcrec_dist.config import ConfigError, LossConfig, ModelConfig, config_from_dict
 from elcrec_dist.losses import (
@@ -21,7 +22,6 @@ from elcrec_dist.losses import (
     seq_cl_loss,
 )
 from elcrec_dist.model import ELCRec
-from tests.test_losses import naive_nt_xent, randn, rotation_fixing, sq_dist, unit
 
 
 def naive_uniformity(centres: torch.Tensor) -> float:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PreparedSets
 from launch import deepspeed_command
+
+from data_prep.synthetic import SyntheticSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_BEAUTY = {"HR@5": 0.0529, "NDCG@5": 0.0355, "HR@10": 0.0762, "NDCG@10": 0.0429, "HR@20": 0.1079, "NDCG@20": 0.0509}
@@ -54,12 +57,9 @@ def test_train_cli_refuses_bad_config_and_missing_data(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def default_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick start's dataset: data_prep.synthetic with its defaults."""
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    proc = _run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out)])
-    assert proc.returncode == 0, proc.stderr
-    return out
+def default_synthetic(prepared_sets: PreparedSets) -> Path:
+    """The quick start's dataset: what ``python -m data_prep.synthetic`` writes by default."""
+    return prepared_sets(SyntheticSpec())
 
 
 @pytest.mark.slow

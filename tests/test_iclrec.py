@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import _stream, _tiny_config, _tiny_data
 
 from elcrec_dist.batching import make_train_batch
 from elcrec_dist.clustering import kmeans
@@ -18,7 +19,6 @@ from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.train import epoch_kmeans_seed, refresh_intents
-from tests.test_train import _stream, _tiny_config, _tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 ICLREC = ["model.intents=epoch_kmeans", "loss.cluster_weight=0", "loss.fusion=none", "model.num_clusters=4"]

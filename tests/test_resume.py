@@ -3,6 +3,7 @@ the same parameters and the same logged loss sequence as an uninterrupted run, b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PreparedSets, write_prepared
 from launch import deepspeed_command, deepspeed_env
 
+from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import load_config
 from elcrec_dist.model import ELCRec
@@ -55,12 +58,12 @@ def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
 
 
+DATA = SyntheticSpec(users=1200, items=200, intents=4, seed=5)
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "1200", "--items", "200",
-                    "--intents", "4", "--seed", "5"], cwd=REPO, check=True, capture_output=True)
-    return out
+def data(prepared_sets: PreparedSets) -> Path:
+    return prepared_sets(DATA)
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(data: Path, tmp_path: Path) -> None:
@@ -145,9 +148,7 @@ def test_a_resume_that_changes_the_computation_is_refused_before_anything_is_wri
     assert (run_dir / "config.yaml").read_text() == config_text
 
     # the same settings on a rebuilt dataset (another seed: same sizes, other sequences)
-    other = tmp_path / "rebuilt"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(other), "--users", "1200", "--items", "200",
-                    "--intents", "4", "--seed", "6"], cwd=REPO, check=True, capture_output=True)
+    other = write_prepared(tmp_path / "rebuilt", dataclasses.replace(DATA, seed=6))
     rebuilt = [*base, "--data", str(other), "--resume"]  # the later --data wins
     moved = subprocess.run(rebuilt, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert moved.returncode == 2, moved.stderr[-2000:]

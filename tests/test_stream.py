@@ -18,9 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_prepared
 
-from data_prep.writer import write_prepared_dataset
-from elcrec_dist import prepared
 from elcrec_dist.prepared import MANIFEST_NAME, DatasetError, read_info
 from elcrec_dist.stream import (
     Piece,
@@ -41,26 +40,36 @@ WINDOW = 3  # row groups per shuffle window in these tests
 BATCH = 16  # global batch
 
 
-def make_table(num_users: int = NUM_USERS, *, seed: int = 0, short_user: int | None = None) -> pa.Table:
+Users = tuple[np.ndarray, list[np.ndarray]]  # user ids [U] int64, item sequences [U] int32
+
+
+def make_users(
+    num_users: int = NUM_USERS, *, seed: int = 0, short_user: int | None = None
+) -> Users:
+    """Random distinct user ids below 10^9 (not 1..U) and 4 to 12 random items each."""
     rng = np.random.default_rng(seed)
     ids = rng.choice(10**9, size=num_users, replace=False).astype(np.int64)
-    seqs = [rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(4, 13))).astype(np.int32) for _ in ids]
+    seqs = [
+        rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(4, 13))).astype(np.int32) for _ in ids
+    ]
     if short_user is not None:
         seqs[short_user] = seqs[short_user][:3]
-    return pa.table({"user_id": pa.array(ids), "items": pa.array(seqs, pa.list_(pa.int32()))})
+    return ids, seqs
 
 
-def write_dataset(out: Path, table: pa.Table, *, rows_per_group: int = ROWS_PER_GROUP, shards: int = SHARDS) -> Path:
-    """Through the real writer, with small row groups so that there are many."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepared, "ROW_GROUP_SIZE", rows_per_group)
-        write_prepared_dataset(str(out), table, num_items=NUM_ITEMS, shards=shards)
-    return out
+def write_dataset(
+    out: Path, users: Users, *, rows_per_group: int = ROWS_PER_GROUP, shards: int = SHARDS
+) -> Path:
+    """Through the real writer (the conftest factory), small row groups so that there are many."""
+    ids, seqs = users
+    return write_prepared(
+        out, seqs, user_ids=ids, num_items=NUM_ITEMS, shards=shards, rows_per_group=rows_per_group
+    )
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("stream") / "ds", make_table())
+    return write_dataset(tmp_path_factory.mktemp("stream") / "ds", make_users())
 
 
 def row_groups(root: Path) -> list[tuple[str, int, list[int], list[list[int]]]]:
@@ -311,7 +320,7 @@ def test_a_read_error_reaches_the_trainer_unchanged(dataset: Path, monkeypatch: 
 
 
 def test_a_dataset_too_small_for_the_world_is_refused(tmp_path: Path) -> None:
-    out = write_dataset(tmp_path / "small", make_table(5), rows_per_group=2, shards=1)
+    out = write_dataset(tmp_path / "small", make_users(5), rows_per_group=2, shards=1)
     ds = StreamingDataset.open(str(out))
     # 5 users, global batch 3 -> 2 steps; 3 ranks would leave one rank a step without users
     with pytest.raises(DatasetError, match="cannot fill 2 steps"):
@@ -366,7 +375,7 @@ def test_sample_union_depends_only_on_seed_and_is_bounded(dataset: Path, monkeyp
 
 
 def test_sample_reads_are_bounded_by_the_sample_not_the_dataset(tmp_path: Path) -> None:
-    out = write_dataset(tmp_path / "big", make_table(2000, seed=1), rows_per_group=10, shards=2)
+    out = write_dataset(tmp_path / "big", make_users(2000, seed=1), rows_per_group=10, shards=2)
     ds = StreamingDataset.open(str(out))
     part = ds.sample_sequences(rank=0, world=1, count=5, seed=0)
     assert len(part) == 5
@@ -378,9 +387,9 @@ def test_sample_reads_are_bounded_by_the_sample_not_the_dataset(tmp_path: Path) 
 
 
 def test_a_user_with_fewer_than_4_items_is_refused_naming_the_file(tmp_path: Path) -> None:
-    table = make_table(50, short_user=17)
-    bad_user = table.column("user_id")[17].as_py()
-    out = write_dataset(tmp_path / "short", table, shards=1)
+    users = make_users(50, short_user=17)
+    bad_user = int(users[0][17])
+    out = write_dataset(tmp_path / "short", users, shards=1)
     ds = StreamingDataset.open(str(out))
     with pytest.raises(DatasetError, match=rf"part-00000-of-00001\.parquet: row group \d+: user {bad_user} has 3 items"):
         list(ds.train_batches(epoch=0, rank=0, world=1, batch_size=8, seed=1))
@@ -396,7 +405,7 @@ def edit_manifest(root: Path, edit) -> None:
 
 
 def test_a_manifest_row_count_that_disagrees_with_the_file_is_refused(tmp_path: Path) -> None:
-    out = write_dataset(tmp_path / "ds", make_table(60))
+    out = write_dataset(tmp_path / "ds", make_users(60))
 
     def move_a_row(m: dict) -> None:  # totals still add up, so read_info accepts it
         m["files"][0]["rows"] += 1
@@ -409,7 +418,7 @@ def test_a_manifest_row_count_that_disagrees_with_the_file_is_refused(tmp_path: 
 
 
 def test_a_file_of_another_size_or_a_missing_file_is_refused(tmp_path: Path) -> None:
-    out = write_dataset(tmp_path / "ds", make_table(60))
+    out = write_dataset(tmp_path / "ds", make_users(60))
     shard = out / "part-00001-of-00003.parquet"
     size = shard.stat().st_size
     with shard.open("ab") as handle:

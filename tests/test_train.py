@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_prepared
 
 from elcrec_dist.batching import make_train_batch, sample_negatives
 from elcrec_dist.config import ConfigError, load_config
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
+from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.train import centre_stats, deepspeed_config, init_centres, step_seed
 
 
@@ -70,19 +73,13 @@ def _tiny_data(n: int = 8, items: int = 20, seed: int = 0) -> list[np.ndarray]:
     return [rng.choice(np.arange(1, items + 1), size=rng.integers(4, 10), replace=False) for _ in range(n)]
 
 
-def _stream(tmp_path, seqs: list[np.ndarray], items: int = 20):
-    import pyarrow as pa
-
-    from data_prep.writer import write_prepared_dataset
-    from elcrec_dist.stream import StreamingDataset
-
-    table = pa.table({"user_id": pa.array(range(1, len(seqs) + 1), pa.int64()),
-                      "items": pa.array([s.astype(np.int32) for s in seqs], pa.list_(pa.int32()))})
-    write_prepared_dataset(str(tmp_path / "data"), table, num_items=items)
-    return StreamingDataset.open(str(tmp_path / "data"))
+def _stream(tmp_path: Path, seqs: list[np.ndarray], items: int = 20) -> StreamingDataset:
+    """``seqs`` (user ids 1..U) written as a one-file prepared dataset and opened for streaming."""
+    folder = write_prepared(tmp_path / "data", seqs, num_items=items, shards=1)
+    return StreamingDataset.open(str(folder))
 
 
-def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path) -> None:
+def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path: Path) -> None:
     cfg = _tiny_config()
     seqs = _tiny_data()
     torch.manual_seed(0)

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PreparedSets
+
+from data_prep.synthetic import SyntheticSpec
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.epochs=2", "train.batch_size=64", "model.num_clusters=8", "kmeans.sample_users=400", "train.log_every=1"]
@@ -25,12 +28,12 @@ def _train(data: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_training_from_s3_equals_training_from_a_local_folder(s3_env: str, tmp_path: Path) -> None:
+def test_training_from_s3_equals_training_from_a_local_folder(
+    s3_env: str, tmp_path: Path, prepared_sets: PreparedSets
+) -> None:
     import fsspec
 
-    local = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(local), "--users", "600", "--items", "150",
-                    "--intents", "4", "--seed", "2"], cwd=REPO, check=True, capture_output=True)
+    local = prepared_sets(SyntheticSpec(users=600, items=150, intents=4, seed=2))
     remote = f"s3://{s3_env}/prepared/demo"
     fs = fsspec.filesystem("s3")
     for path in sorted(local.iterdir()):

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PreparedSets
 
+from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +45,8 @@ def test_a_bad_key_in_a_layer_names_the_files(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("variants") / "data"
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "400", "--items", "100",
-                    "--intents", "4", "--seed", "4"], cwd=REPO, check=True, capture_output=True)
-    return out
+def synthetic(prepared_sets: PreparedSets) -> Path:
+    return prepared_sets(SyntheticSpec(users=400, items=100, intents=4, seed=4))
 
 
 @pytest.mark.slow
