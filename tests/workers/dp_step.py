@@ -7,13 +7,10 @@ rank r trains on its rows. Results go to OUT/rank{r}.pt for the test to compare.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.batching import make_train_batch
