@@ -1,6 +1,6 @@
 """Valid and test metrics of every kept checkpoint of a run: how much the choice of checkpoint moves test.
 
-    python bench/checkpoint_sweep.py --config configs/beauty.yaml --data data/beauty \
+    python -m bench.checkpoint_sweep --config configs/beauty.yaml --data data/beauty \\
         --run runs/plateau-seed2 [--select NDCG@20]
 
 Every complete checkpoint under ``RUN/checkpoints`` (its manifest verified, as ``--resume``
@@ -18,11 +18,8 @@ Prints one JSON object as the last stdout line.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Two models on the same users: metrics, their difference, and how much of it the test set decides.
 
-    python bench/compare_models.py --config configs/beauty.yaml --data data/beauty \
-        --model ours=runs/beauty-full/best_model.pt \
-        --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \
+    python -m bench.compare_models --config configs/beauty.yaml --data data/beauty \\
+        --model ours=runs/beauty-full/best_model.pt \\
+        --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \\
         [--split test] [--resamples 2000] [--seed 0]
 
 Each ``--model NAME=SOURCE`` is a model file written by ``launcher/train.py``
@@ -24,11 +24,7 @@ Prints one JSON object as the last stdout line.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

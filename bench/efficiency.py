@@ -1,7 +1,7 @@
 """ELCRec's efficiency claim, measured: learned centres (``elcrec``) against per-epoch k-means over
 all users (``iclrec``) as the number of users grows.
 
-    python bench/efficiency.py --users 10000 100000 1000000 [--train-steps 100] \\
+    python -m bench.efficiency --users 10000 100000 1000000 [--train-steps 100] \\
         [--config configs/beauty.yaml] [--items 12000] [--data-root data/efficiency] [--out FILE.json]
 
 For every size a synthetic planted-intent dataset is written once (``data_prep.synthetic``,
@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("elcrec", "iclrec")
 
@@ -58,8 +56,8 @@ def measure_one(config_path: str, variant: str, data_path: str, train_steps: int
     import resource
 
     import torch
-    from train_speed import run_steps  # bench/train_speed.py
 
+    from bench.train_speed import run_steps
     from elcrec_dist import distributed as dist_utils
     from elcrec_dist.config import load_config
     from elcrec_dist.model import ELCRec
@@ -155,8 +153,9 @@ def main() -> int:
     for users in args.users:
         folder = ensure_dataset(Path(args.data_root), users, args.items)
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--one", str(folder), variant, "--config", args.config,
-                   "--train-steps", str(args.train_steps), *[a for o in args.overrides for a in ("--set", o)]]
+            cmd = [sys.executable, "-m", "bench.efficiency", "--one", str(folder), variant,
+                   "--config", args.config, "--train-steps", str(args.train_steps),
+                   *[a for o in args.overrides for a in ("--set", o)]]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
             if proc.returncode != 0:
                 print(f"error: {variant} on {users} users failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Beauty for a fixed number of epochs on one GPU, bf16 (and fp32 beside it): epoch time and peak memory.
 
-    python bench/gpu_epochs.py --config configs/beauty.yaml --data data/beauty --epochs 5 \\
+    python -m bench.gpu_epochs --config configs/beauty.yaml --data data/beauty --epochs 5 \\
         [--precisions bf16 fp32] [--runs-root runs/gpu-epochs]
 
 Each precision is one run of the real entry point (``launcher/train.py``, a world of one on

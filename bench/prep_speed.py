@@ -1,7 +1,7 @@
 """Speed and memory of the raw-log build: synthetic raw Parquet in, prepared dataset out.
 
-    python bench/prep_speed.py --interactions 100000000 [--jobs 2] [--files 16] [--workdir /tmp/prep_speed]
-        [--keep] [--reuse-input]
+    python -m bench.prep_speed --interactions 100000000 [--jobs 2] [--files 16] \\
+        [--workdir /tmp/prep_speed] [--keep] [--reuse-input]
 
 Writes a synthetic raw log (``data_prep.synthetic_logs``: string ids, 2% duplicates, 0.2%
 malformed rows, 3 bots holding 1% of the events), then times ``python -m data_prep.build`` on
@@ -159,7 +159,6 @@ def main() -> int:
     logs, out = root / f"log-{args.interactions}", root / f"dataset-{args.interactions}"
     planted = generate(logs, args)
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [
         sys.executable,
         "-m",
@@ -178,7 +177,7 @@ def main() -> int:
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     rss = PeakRss(proc.pid)
     _, stderr = proc.communicate()

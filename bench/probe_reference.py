@@ -1,10 +1,10 @@
 """Probes of trained models that ask how they were trained (docs/RESULTS.md, "Where the Beauty gap comes from").
 
-    python bench/probe_reference.py --config configs/beauty.yaml --data data/beauty \
-        --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \
+    python -m bench.probe_reference --config configs/beauty.yaml --data data/beauty \\
+        --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \\
         --model ours=runs/beauty-full/best_model.pt [--users 2048] [--batches 12] [--prefix-users 4000] [--seed 0]
 
-Models are named as in ``bench/compare_models.py`` (``NAME=best_model.pt`` or
+Models are named as in ``bench.compare_models`` (``NAME=best_model.pt`` or
 ``NAME=reference:PATH``). Three probes, each model in eval mode (no dropout):
 
 1. **Mask token.** The spec says the mask augmentation writes the padding id 0 (which attention
@@ -47,16 +47,12 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
-from compare_models import REFERENCE_PREFIX, load_compared_model, parse_model_argument
 
+from bench.compare_models import REFERENCE_PREFIX, load_compared_model, parse_model_argument
 from elcrec_dist.batching import make_train_batch
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import left_pad, train_pairs

@@ -1,8 +1,8 @@
 """Reproduce the paper's tables: train every (variant, seed) of one dataset, compare with the spec.
 
-    python bench/reproduce.py --dataset beauty --variants sasrec b_icl b_elcm elcrec iclrec --seeds 1
-        [--epochs N] [--parallel K] [--ranks R] [--runs-root runs/reproduce]
-        [--results docs/RESULTS.md] [--shared ../shared] [--set key=value ...] [--no-run]
+    python -m bench.reproduce --dataset beauty --variants sasrec b_icl b_elcm elcrec iclrec \\
+        --seeds 1 [--epochs N] [--parallel K] [--ranks R] [--runs-root runs/reproduce]
+        [--results-dir docs/results] [--shared ../shared] [--set key=value ...] [--no-run]
         [--data DIR] [--dataset-config PATH]
 
 What it does, in order:
@@ -20,13 +20,15 @@ What it does, in order:
    skipped; any other is continued from its newest checkpoint. Wall time and peak RSS of each
    run (``os.wait4``) are appended to ``RUN/harness.json``. A failed run is reported with its
    exit code and log; the others go on, and the harness exits 1 at the end.
-4. Writes one generated block into ``--results`` between ``<!-- reproduce:BEGIN KEY -->`` and
-   ``<!-- reproduce:END KEY -->`` (KEY names dataset, variants, seeds, budget and the override
-   hash): replaced in place when present, appended otherwise; the rest of the file is kept as
-   it is. The block holds the command that regenerates it, the test metrics per variant (mean
-   and sample sd over seeds), the comparison with the paper's Table 1, ICLRec and SASRec rows and
-   ablation sums, where each run lives, and a plot of validation NDCG@20 per epoch saved beside
-   the results file in ``figures/``. ``--no-run`` only collects finished runs and writes the block.
+4. Writes one generated block, a file of its own per KEY (KEY names dataset, variants, seeds,
+   budget and the override hash): ``{results_dir}/{name}.md``, the block between
+   ``<!-- reproduce:BEGIN KEY -->`` and ``<!-- reproduce:END KEY -->``, replaced in place when
+   present, appended otherwise; text around the markers is kept as it is. The block holds the
+   command that regenerates it, the test metrics per variant (mean and sample sd over seeds), the
+   comparison with the paper's Table 1, ICLRec and SASRec rows and ablation sums, where each run
+   lives, and a plot of validation NDCG@20 per epoch saved in ``{results_dir}/figures/``.
+   ``--no-run`` only collects finished runs and writes the block. ``docs/RESULTS.md`` links each
+   block file it reports on (by hand: the harness writes only the block and the plot).
 
 Exit codes: 0 when every run finished, 1 when a run failed, 2 for a bad invocation (unknown
 variant, missing raw file, a config that does not load, a spec that does not parse).
@@ -53,11 +55,10 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from elcrec_dist.config import ConfigError, load_config
+from elcrec_dist.errors import EXIT_OK, EXIT_PERMANENT
 
-from elcrec_dist.config import ConfigError, load_config  # noqa: E402
-from elcrec_dist.errors import EXIT_OK, EXIT_PERMANENT  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_SCRIPT = REPO / "launcher" / "train.py"
 CONFIG_DIR = REPO / "configs"
@@ -72,7 +73,8 @@ PAPER_ROW_OF_VARIANT = {"elcrec": "ELCRec, Table 1", "iclrec": "ICLRec baseline"
 ABLATION_NAME_OF_VARIANT = {"sasrec": "B", "b_icl": "B+ICL", "b_elcm": "B+ELCM", "elcrec": "ELCRec"}
 # Set by the harness itself; a --set of these would silently disagree with the run folder.
 RESERVED_OVERRIDES = {"train.seed": "--seeds", "train.epochs": "--epochs", "train.run_dir": "--runs-root", "data.path": "--data"}
-DEFAULTS = {"runs_root": "runs/reproduce", "results": "docs/RESULTS.md", "shared": "../shared", "parallel": 1, "ranks": 1}
+DEFAULTS = {"runs_root": "runs/reproduce", "results_dir": "docs/results", "shared": "../shared",
+            "parallel": 1, "ranks": 1}
 SPEC_RELATIVE = Path("docs") / "elcrec-method.md"
 MASTER_PORT_BASE = 29510  # run i of an invocation gets port 29510 + i (deepspeed's default 29500 left free)
 
@@ -326,8 +328,13 @@ class Invocation:
             parts.append(f"set-{variation}")
         return ":".join(parts)
 
+    def name(self) -> str:
+        """The key as a file name: ``beauty-b_elcm-elcrec-seeds-1-2-full[-set-1a2b3c4d]``."""
+        return re.sub(r"[^A-Za-z0-9_]+", "-", self.key()).strip("-")
+
     def slug(self) -> str:
-        return "reproduce-" + re.sub(r"[^A-Za-z0-9_]+", "-", self.key()).strip("-")
+        """The plot's file name (without ``.png``)."""
+        return "reproduce-" + self.name()
 
     def run_dir(self, runs_root: Path, variant: str, seed: int) -> Path:
         name = f"{variant}-seed{seed}"
@@ -397,11 +404,12 @@ def train_command(inv: Invocation, *, prefix: Sequence[str], dataset_config: Pat
 
 def regenerate_command(args: argparse.Namespace) -> str:
     """The copy-pasteable command that regenerates the block (``--no-run`` and defaults left out)."""
-    parts = ["python", "bench/reproduce.py", "--dataset", args.dataset, "--variants", *args.variants,
+    parts = ["python", "-m", "bench.reproduce", "--dataset", args.dataset,
+             "--variants", *args.variants,
              "--seeds", *(str(s) for s in args.seeds)]
     if args.epochs is not None:
         parts += ["--epochs", str(args.epochs)]
-    for name in ("parallel", "ranks", "runs_root", "results", "shared"):
+    for name in ("parallel", "ranks", "runs_root", "results_dir", "shared"):
         value = getattr(args, name)
         if value != DEFAULTS[name]:
             parts += [f"--{name.replace('_', '-')}", str(value)]
@@ -428,8 +436,7 @@ def ensure_prepared(dataset: str, *, data: Path, shared: Path, explicit: bool) -
         raise HarnessError(f"benchmark file not found: {raw} (needed to prepare {data}; pass --shared)")
     cmd = [sys.executable, "-m", "data_prep.benchmark", "--input", str(raw), "--output", str(data)]
     print(f"preparing {data} from {raw}", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, env=env, check=False)
+    proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
         raise HarnessError(f"preparing {data} failed (exit {proc.returncode}): {shlex.join(cmd)}")
 
@@ -726,7 +733,7 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
     seeds = ", ".join(str(s) for s in inv.seeds)
     lines = [
         f"<!-- reproduce:BEGIN {key} -->",
-        f"## Reproduction: {DATASET_FILES[inv.dataset]}, {ctx.budget}",
+        f"# Reproduction: {DATASET_FILES[inv.dataset]}, {ctx.budget}",
         "",
         "Generated by `bench/reproduce.py` (edits between the markers are overwritten); regenerate with",
         "",
@@ -753,7 +760,7 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
                  + ("; * marks the trainer's own time where the harness did not run it (clustering + training + validation "
                     "seconds, summed over resumed processes)" if any_trainer_wall else "")
                  + ". Peak memory is the largest over seeds.")
-    lines += ["", "### Against the paper", ""]
+    lines += ["", "## Against the paper", ""]
     published = paper_metrics(figures, inv.dataset)
     lines += [
         "Ours (mean over seeds) vs the spec's published figure, relative difference (ours − paper) / paper.",
@@ -779,7 +786,7 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
         diff = format_percent(relative_difference(statistics.fmean(sums), paper_sum)) if sums and paper_sum is not None else "—"
         paper_text = f"{paper_sum:.4f}" if paper_sum is not None else "—"
         lines.append(f"| `{variant}` | {ABLATION_NAME_OF_VARIANT[variant]} | {ours} | {paper_text} | {diff} |")
-    lines += ["", "### Runs", ""]
+    lines += ["", "## Runs", ""]
     for run in runs:
         if run.results is not None:
             state = f"finished {run.results.get('finished_at', '')}".rstrip()
@@ -820,6 +827,11 @@ def insert_block(text: str, key: str, block: str) -> str:
     tail = lines[ends[0]]
     newline = tail[len(tail.rstrip("\r\n")):] or ""
     return "".join(lines[:starts[0]]) + block + newline + "".join(lines[ends[0] + 1:])
+
+
+def block_path(results_dir: Path, inv: Invocation) -> Path:
+    """The file that holds the block of ``inv``: one file per key."""
+    return results_dir / f"{inv.name()}.md"
 
 
 def write_results(path: Path, key: str, block: str) -> None:
@@ -880,7 +892,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the old ``--results FILE`` would otherwise pass as ``--results-dir``
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASET_FILES),
                         help="benchmark: configs/DATASET.yaml, data/DATASET, {shared}/data/<file>.txt")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
@@ -893,8 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=_positive, default=DEFAULTS["ranks"], metavar="R",
                         help="processes per run: > 1 starts them with `deepspeed --num_gpus R` (default: 1)")
     parser.add_argument("--runs-root", default=DEFAULTS["runs_root"], help="run folders go to RUNS_ROOT/DATASET/ (default: %(default)s)")
-    parser.add_argument("--results", default=DEFAULTS["results"],
-                        help="markdown file the generated block goes into; the plot goes to figures/ beside it (default: %(default)s)")
+    parser.add_argument("--results-dir", default=DEFAULTS["results_dir"], metavar="DIR",
+                        help="the block goes to DIR/NAME.md (one file per key), the plot to "
+                             "DIR/figures/ (default: %(default)s)")
     parser.add_argument("--shared", default=DEFAULTS["shared"], help="folder with data/*.txt and docs/elcrec-method.md (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable); run folders and the block key carry its hash")
@@ -921,6 +936,10 @@ def reproduce(args: argparse.Namespace) -> int:
     figures = parse_spec(Path(args.shared) / SPEC_RELATIVE)
     data = Path(args.data) if args.data else Path("data") / inv.dataset
     runs_root = Path(args.runs_root)
+    results_dir = Path(args.results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise HarnessError(f"--results-dir {results_dir}: a file, not a folder "
+                           "(each block is a file of its own in it)")
 
     specs: list[RunSpec] = []
     for i, (variant, seed) in enumerate((v, s) for v in inv.variants for s in inv.seeds):
@@ -946,14 +965,15 @@ def reproduce(args: argparse.Namespace) -> int:
             failed = [o for o in outcomes if o.exit_code != 0 or not is_finished(o.spec.run_dir)]
 
     runs = [collect_run(s.variant, s.seed, s.run_dir) for s in specs]
-    results_path = Path(args.results)
-    figure = results_path.parent / "figures" / f"{inv.slug()}.png"
+    block_file = block_path(results_dir, inv)
+    figure = results_dir / "figures" / f"{inv.slug()}.png"
     title = f"{DATASET_FILES[inv.dataset]}: validation {CURVE_METRIC}"
     link = f"figures/{figure.name}" if plot_curves(runs, figure, title=title) else None
     ctx = ReportContext(inv, budget_text(epochs=inv.epochs, max_epochs=max_epochs, patience=patience),
                         regenerate_command(args), str(data), args.dataset_config or f"configs/{inv.dataset}.yaml")
-    write_results(results_path, inv.key(), render_block(ctx, runs, figures, link))
-    print(f"wrote the block {inv.key()} into {results_path}" + (f" (plot {figure})" if link else ""), flush=True)
+    write_results(block_file, inv.key(), render_block(ctx, runs, figures, link))
+    print(f"wrote the block {inv.key()} into {block_file}" + (f" (plot {figure})" if link else ""),
+          flush=True)
 
     for outcome in failed:
         print(f"error: {outcome.spec.variant} seed {outcome.spec.seed} failed with exit code {outcome.exit_code}"

@@ -1,6 +1,6 @@
 """Training and evaluation speed of one process (a world of one) on a prepared dataset.
 
-    python bench/train_speed.py --config configs/beauty.yaml --data data/beauty [--profile 20]
+    python -m bench.train_speed --config configs/beauty.yaml --data data/beauty [--profile 20]
 
 Runs one full training epoch (the real step: batches, augmentations, DeepSpeed engine, centre
 projection; no evaluation) and one full-rank validation pass, and prints one JSON line with
@@ -14,9 +14,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

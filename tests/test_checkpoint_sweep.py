@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bench_scripts import load_bench_script
 
+from bench import checkpoint_sweep as sweep
 from elcrec_dist import checkpoint as ckpt
 from elcrec_dist.config import load_config
 from elcrec_dist.evaluation import evaluate
 from elcrec_dist.model import ELCRec
 
 REPO = Path(__file__).resolve().parents[1]
-sweep = load_bench_script("checkpoint_sweep")
 
 
 def test_summary_by_hand() -> None:
@@ -64,8 +63,9 @@ def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_
         ("step-00000034", 3, 34),  # mid-epoch 3
     ]
     out = subprocess.run(
-        [sys.executable, "bench/checkpoint_sweep.py", "--config", "configs/demo.yaml", "--data", str(small_synthetic),
-         "--run", str(run)], check=True, cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "bench.checkpoint_sweep", "--config", "configs/demo.yaml",
+         "--data", str(small_synthetic), "--run", str(run)],
+        check=True, cwd=REPO, capture_output=True, text=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert [row["step"] for row in report["checkpoints"]] == [30, 34]
@@ -77,7 +77,8 @@ def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_
 
 def test_a_run_without_checkpoints_is_refused(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "bench/checkpoint_sweep.py", "--config", "configs/demo.yaml", "--data", str(tmp_path),
-         "--run", str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "bench.checkpoint_sweep", "--config", "configs/demo.yaml",
+         "--data", str(tmp_path), "--run", str(tmp_path / "nothing")],
+        cwd=REPO, capture_output=True, text=True,
     )
     assert out.returncode == 2 and "no checkpoints/ folder" in out.stderr

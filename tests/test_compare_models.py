@@ -12,17 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bench_scripts import load_bench_script
 
+from bench import compare_models as cm
 from elcrec_dist.config import load_config
 from elcrec_dist.evaluation import metric_sums, naive_answer_rank
 from elcrec_dist.model import ELCRec
 from elcrec_dist.train import save_model_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-cm = load_bench_script("compare_models")
 
 
 def test_per_user_values_average_to_the_reported_metrics() -> None:
@@ -93,8 +90,9 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_syn
         save_model_file(paths[-1], model, config, {"seed": seed})
 
     out = subprocess.run(
-        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(small_synthetic),
-         "--model", f"one={paths[0]}", "--model", f"two={paths[1]}", "--split", "valid", "--resamples", "30"],
+        [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
+         "--data", str(small_synthetic), "--model", f"one={paths[0]}", "--model", f"two={paths[1]}",
+         "--split", "valid", "--resamples", "30"],
         check=True, cwd=REPO, capture_output=True, text=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,8 +113,9 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_syn
 
 def test_a_single_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "bench/compare_models.py", "--config", "configs/demo.yaml", "--data", str(tmp_path),
-         "--model", "one=x.pt"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
+         "--data", str(tmp_path), "--model", "one=x.pt"],
+        cwd=REPO, capture_output=True, text=True,
     )
     assert out.returncode == 2 and "at least two models" in out.stderr
 

@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bench_scripts import load_bench_script
 
+from bench import probe_reference as pr
 from elcrec_dist.config import load_config
 from elcrec_dist.model import ELCRec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pr = load_bench_script("probe_reference")
 
 
 def test_masked_sets_exactly_floor_ratio_n_positions_to_the_token() -> None:

@@ -1,8 +1,10 @@
-"""The reproduction harness ``bench/reproduce.py`` (issue 6): parsing the spec's published figures,
-the report block and its numbers, resuming/skipping runs and failures, and one tiny real run."""
+"""The reproduction harness ``bench.reproduce``: parsing the spec's published figures, the report
+block and its numbers, one file per block, resuming/skipping runs and failures, and one tiny real
+run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bench_scripts import load_bench_script
+
+from bench import reproduce as rp
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-rp = load_bench_script("reproduce")
 
 # The structure of shared/docs/elcrec-method.md, with figures of our own (so nothing can pass by
 # matching the real ones by accident). Another table comes first; sentences wrap across lines.
@@ -164,18 +165,28 @@ def test_key_and_run_folders_separate_budgets_and_overrides() -> None:
     assert changed.run_dir(Path("r"), "elcrec", 1) == Path(f"r/beauty/elcrec-seed1-e5-{suffix}")
     assert _invocation(data="/tmp/other").variation() not in (None, suffix)  # another dataset never mixes
     assert changed.slug() == f"reproduce-beauty-elcrec-sasrec-seeds-1-2-e5-set-{suffix}"
+    assert changed.name() == f"beauty-elcrec-sasrec-seeds-1-2-e5-set-{suffix}"
+    # one file per key, beside the others in the results folder
+    assert rp.block_path(Path("docs/results"), plain) == (
+        Path("docs/results/beauty-elcrec-sasrec-seeds-1-2-full.md"))
+    assert rp.block_path(Path("d"), changed) != rp.block_path(Path("d"), budget)
 
 
 def test_the_regenerating_command_leaves_out_defaults_and_no_run() -> None:
     parser = rp.build_parser()
     args = parser.parse_args(["--dataset", "beauty", "--variants", "sasrec", "elcrec", "--no-run"])
-    assert rp.regenerate_command(args) == "python bench/reproduce.py --dataset beauty --variants sasrec elcrec --seeds 1"
-    args = parser.parse_args(["--dataset", "toys", "--seeds", "1", "2", "--epochs", "20", "--parallel", "2",
-                              "--results", "docs/OTHER.md", "--set", "train.lr=0.002 ", "--variants", "elcrec"])
     assert rp.regenerate_command(args) == (
-        "python bench/reproduce.py --dataset toys --variants elcrec --seeds 1 2 --epochs 20 --parallel 2 "
-        "--results docs/OTHER.md --set 'train.lr=0.002 '"
+        "python -m bench.reproduce --dataset beauty --variants sasrec elcrec --seeds 1"
     )
+    args = parser.parse_args(["--dataset", "toys", "--seeds", "1", "2", "--epochs", "20", "--parallel", "2",
+                              "--results-dir", "docs/other", "--set", "train.lr=0.002 ",
+                              "--variants", "elcrec"])
+    assert rp.regenerate_command(args) == (
+        "python -m bench.reproduce --dataset toys --variants elcrec --seeds 1 2 --epochs 20 "
+        "--parallel 2 --results-dir docs/other --set 'train.lr=0.002 '"
+    )
+    with pytest.raises(SystemExit):  # the old --results FILE is no abbreviation of --results-dir
+        parser.parse_args(["--dataset", "toys", "--results", "docs/RESULTS.md"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,7 +274,8 @@ def test_the_block_holds_means_sds_and_the_comparison_with_the_paper(tmp_path: P
     block = rp.render_block(ctx, runs, rp.parse_spec(fake_shared / "docs" / "elcrec-method.md"), "figures/x.png")
     lines = block.splitlines()
     assert lines[0] == f"<!-- reproduce:BEGIN {inv.key()} -->" and lines[-1] == f"<!-- reproduce:END {inv.key()} -->"
-    assert "## Reproduction: Beauty, to early stopping (at most 300 epochs, patience 40)" in lines
+    assert "# Reproduction: Beauty, to early stopping (at most 300 epochs, patience 40)" in lines
+    assert "## Against the paper" in lines and "## Runs" in lines
     assert "python bench/reproduce.py --dataset beauty" in lines
     # Main table: means ± sample sd over the two seeds; the sums 0.2320 and 0.2400; wall (10+20, 50) -> 40 s.
     assert ("| `elcrec` | 2/2 | 0.0520 ± 0.0014 | 0.0320 ± 0.0014 | 0.1020 ± 0.0014 | 0.0500 ± 0.0014 "
@@ -297,7 +309,8 @@ def _args(tmp_path: Path, shared: Path, *extra: str) -> list[str]:
     data.mkdir(exist_ok=True)
     (data / "manifest.json").write_text("{}")  # the runner below never reads it
     return ["--dataset", "beauty", "--dataset-config", str(REPO / "configs" / "demo.yaml"), "--data", str(data),
-            "--runs-root", str(tmp_path / "runs"), "--results", str(tmp_path / "RESULTS.md"), "--shared", str(shared), *extra]
+            "--runs-root", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+            "--shared", str(shared), *extra]
 
 
 def test_finished_runs_are_skipped_and_a_failed_run_is_reported_after_the_others(
@@ -322,16 +335,22 @@ def test_finished_runs_are_skipped_and_a_failed_run_is_reported_after_the_others
 
     monkeypatch.setattr(rp, "execute_run", runner)
     monkeypatch.setattr(rp, "running_on_cpu", lambda: True)
-    (tmp_path / "RESULTS.md").write_text("# Results\n\nkept\n")
+    inv = _invocation(variants=("sasrec", "elcrec", "b_icl"), seeds=(1,), epochs=2,
+                      data=str(tmp_path / "data"),
+                      dataset_config=str(REPO / "configs" / "demo.yaml"))
+    block_file = rp.block_path(tmp_path / "results", inv)
+    block_file.parent.mkdir()
+    block_file.write_text("# Results\n\nkept\n")
     argv = _args(tmp_path, fake_shared, "--variants", "sasrec", "elcrec", "b_icl", "--seeds", "1", "--epochs", "2")
     assert rp.main(argv) == 1
     assert calls == [("sasrec", 1), ("elcrec", 1), ("b_icl", 1)]  # the failure did not stop b_icl
     err = capsys.readouterr().err
     assert "elcrec seed 1 failed with exit code 3" in err and f"log {folders['elcrec'] / 'train.log'}" in err
     assert folders["elcrec"].parent == tmp_path / "runs" / "beauty" and folders["elcrec"].name.startswith("elcrec-seed1-e2-")
-    text = (tmp_path / "RESULTS.md").read_text()
+    assert [p.name for p in (tmp_path / "results").glob("*.md")] == [block_file.name]
+    text = block_file.read_text()
     assert text.startswith("# Results\n\nkept\n\n<!-- reproduce:BEGIN beauty:b_icl+elcrec+sasrec:seeds=1:e2:set-")
-    assert "## Reproduction: Beauty, equal budget of 2 epochs" in text
+    assert "# Reproduction: Beauty, equal budget of 2 epochs" in text
     assert "| `sasrec` | 1/1 | 0.0500 |" in text and "| `elcrec` | 0/1 |" in text and "last exit code 3" in text
 
     calls.clear()
@@ -340,12 +359,19 @@ def test_finished_runs_are_skipped_and_a_failed_run_is_reported_after_the_others
     assert calls == [("elcrec", 1)]  # only the unfinished run ran again
     out = capsys.readouterr().out
     assert "skip sasrec seed 1: finished" in out and "skip b_icl seed 1: finished" in out
-    again = (tmp_path / "RESULTS.md").read_text()
+    again = block_file.read_text()
     assert again.count("<!-- reproduce:BEGIN") == 1 and "| `elcrec` | 1/1 |" in again
 
     calls.clear()
     assert rp.main([*argv, "--no-run"]) == 0 and calls == []
-    assert (tmp_path / "RESULTS.md").read_text() == again
+    assert block_file.read_text() == again
+
+    # Another budget is another key: a file of its own, the first one untouched.
+    assert argv[-2:] == ["--epochs", "2"]
+    assert rp.main([*argv[:-2], "--epochs", "3", "--no-run"]) == 0 and calls == []
+    other = rp.block_path(tmp_path / "results", dataclasses.replace(inv, epochs=3))
+    assert block_file.read_text() == again
+    assert "<!-- reproduce:BEGIN beauty:b_icl+elcrec+sasrec:seeds=1:e3:" in other.read_text()
 
 
 def test_an_unknown_variant_is_an_error_before_anything_runs(
@@ -355,7 +381,7 @@ def test_an_unknown_variant_is_an_error_before_anything_runs(
     assert rp.main(_args(tmp_path, fake_shared, "--variants", "sasrec", "nosuch")) == 2
     err = capsys.readouterr().err
     assert "nosuch.yaml" in err and "sasrec" in err and "elcrec" in err  # the missing file and those that exist
-    assert not (tmp_path / "RESULTS.md").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -377,7 +403,8 @@ def test_a_missing_benchmark_file_is_an_error_naming_it(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # data/beauty does not exist here
     monkeypatch.setattr(rp, "execute_run", lambda *a: pytest.fail("nothing may run"))
-    argv = ["--dataset", "beauty", "--variants", "sasrec", "--shared", str(fake_shared), "--results", "R.md"]
+    argv = ["--dataset", "beauty", "--variants", "sasrec", "--shared", str(fake_shared),
+            "--results-dir", "R"]
     assert rp.main(argv) == 2
     assert f"benchmark file not found: {fake_shared / 'data' / 'Beauty.txt'}" in capsys.readouterr().err
 
@@ -397,9 +424,12 @@ def test_an_unprepared_dataset_is_prepared_from_the_benchmark_file_before_the_ru
 
     monkeypatch.setattr(rp, "execute_run", runner)
     monkeypatch.setattr(rp, "running_on_cpu", lambda: True)
-    assert rp.main(["--dataset", "beauty", "--variants", "sasrec", "--shared", str(fake_shared), "--results", "R.md"]) == 1
+    argv = ["--dataset", "beauty", "--variants", "sasrec", "--shared", str(fake_shared),
+            "--results-dir", "R"]
+    assert rp.main(argv) == 1
     assert seen == [True]
-    assert "| `sasrec` | 0/1 |" in (tmp_path / "R.md").read_text()
+    (block_file,) = (tmp_path / "R").glob("*.md")
+    assert "| `sasrec` | 0/1 |" in block_file.read_text()
 
 
 def test_children_get_a_share_of_the_cores_on_cpu_unless_threads_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -423,17 +453,22 @@ def test_the_harness_trains_collects_skips_and_writes_the_block(tmp_path: Path, 
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--output", str(data), "--users", "200", "--items", "80",
                     "--intents", "4", "--max-len", "20", "--seed", "3"], cwd=REPO, env=env, check=True, capture_output=True)
-    results = tmp_path / "docs" / "RESULTS.md"
-    results.parent.mkdir()
+    inv = _invocation(variants=("sasrec", "elcrec"), seeds=(1,), epochs=1, data=str(data),
+                      dataset_config="configs/demo.yaml",
+                      overrides=("train.batch_size=64", "kmeans.sample_users=200",
+                                 "model.num_clusters=4"))
+    results_dir = tmp_path / "docs" / "results"
+    results_dir.mkdir(parents=True)
+    results = rp.block_path(results_dir, inv)
     results.write_text("# Results\n\nhand-written\n")
-    cmd = [sys.executable, "bench/reproduce.py", "--dataset", "beauty", "--dataset-config", "configs/demo.yaml",
+    cmd = [sys.executable, "-m", "bench.reproduce", "--dataset", "beauty",
+           "--dataset-config", "configs/demo.yaml",
            "--data", str(data), "--variants", "sasrec", "elcrec", "--seeds", "1", "--epochs", "1", "--parallel", "1",
-           "--runs-root", str(tmp_path / "runs"), "--results", str(results), "--shared", str(fake_shared),
+           "--runs-root", str(tmp_path / "runs"), "--results-dir", str(results_dir),
+           "--shared", str(fake_shared),
            "--set", "train.batch_size=64", "--set", "kmeans.sample_users=200", "--set", "model.num_clusters=4"]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    inv = _invocation(variants=("sasrec", "elcrec"), seeds=(1,), epochs=1, data=str(data), dataset_config="configs/demo.yaml",
-                      overrides=("train.batch_size=64", "kmeans.sample_users=200", "model.num_clusters=4"))
     for variant in ("sasrec", "elcrec"):
         run_dir = inv.run_dir(tmp_path / "runs", variant, 1)
         result = json.loads((run_dir / "results.json").read_text())
@@ -447,7 +482,7 @@ def test_the_harness_trains_collects_skips_and_writes_the_block(tmp_path: Path, 
     assert f"<!-- reproduce:END {inv.key()} -->" in text
     assert "--variants sasrec elcrec --seeds 1 --epochs 1 --runs-root" in text and "--set train.batch_size=64" in text
     assert "| `sasrec` | 1/1 |" in text and "| `elcrec` | 1/1 |" in text
-    figure = results.parent / "figures" / f"{inv.slug()}.png"
+    figure = results_dir / "figures" / f"{inv.slug()}.png"
     assert figure.read_bytes()[:4] == b"\x89PNG" and f"](figures/{figure.name})" in text
 
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
