@@ -4,6 +4,7 @@ and ranks stay bitwise identical over many steps, centres included."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ NO_DROPOUT = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _launch(out: Path, ranks: int, *, steps: int = 1, overrides: list[str] = ()) -> list[dict]:
+def _launch(out: Path, ranks: int, *, steps: int = 1, overrides: Sequence[str] = ()) -> list[dict]:
     cmd, port = deepspeed_command(WORKER, "--out", str(out), "--steps", str(steps), ranks=ranks)
     for o in overrides:
         cmd += ["--set", o]

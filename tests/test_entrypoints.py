@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ def _run(args: list[str], *, timeout: int = 600, env: dict[str, str] | None = No
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def _last_json(stdout: str) -> dict[str, object]:
+def _last_json(stdout: str) -> dict[str, Any]:
     """The last JSON line. Under the deepspeed launcher the launcher's own exit messages follow it."""
     return json.loads([line for line in stdout.strip().splitlines() if line.startswith("{")][-1])
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -108,7 +110,7 @@ def test_sidecar_is_written_before_the_manifest(
     seen: list[bool] = []
     original = writer.commit_manifest
 
-    def checking_commit(fs, root, manifest):  # type: ignore[no-untyped-def]
+    def checking_commit(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
         seen.append(fs.exists(f"{root}/{PLANTED_NAME}"))
         original(fs, root, manifest)
 
