@@ -11,7 +11,7 @@ centres, batch 256) and the variant layer from ``configs/variants/``, and times 
 into
 
 - ``clustering_s``: ``iclrec`` embeds every user and runs k-means over all of them, every
-  epoch (``train.refresh_intents``); ``elcrec`` pays nothing per epoch (its one-off k-means
+  epoch (``trainer.intents.refresh_intents``); ``elcrec`` pays nothing per epoch (its one-off k-means
   start on a bounded sample is reported apart, ``start_s``);
 - ``train_s``: the epoch's optimizer steps. With ``--train-steps N`` the first N steps (after
   3 warm-up steps) are timed and scaled to the epoch's step count (``train_extrapolated``
@@ -57,25 +57,15 @@ def measure_one(config_path: str, variant: str, data_path: str, train_steps: int
 
     import torch
 
-    from bench.train_speed import run_steps
+    from bench.train_speed import run_steps, setup
     from elcrec_dist import distributed as dist_utils
     from elcrec_dist.config import load_config
-    from elcrec_dist.model import ELCRec
     from elcrec_dist.stream import StreamingDataset
-    from elcrec_dist.train import (
-        build_engine,
-        evaluate_sharded,
-        init_centres,
-        refresh_intents,
-        use_deterministic_kernels,
-    )
+    from elcrec_dist.trainer.validation import evaluate_sharded
 
     config = load_config([config_path, str(REPO / "configs" / "variants" / f"{variant}.yaml")], [*overrides, f"data.path={data_path}"])
     data = StreamingDataset.open(data_path)
     device = dist_utils.init()
-    use_deterministic_kernels(device, config.train.deterministic)  # as training runs
-    torch.manual_seed(config.train.seed)
-    model = ELCRec(config.model, num_items=data.info.num_items).to(device)
 
     def timed(fn: Any) -> float:
         if device.type == "cuda":
@@ -86,21 +76,17 @@ def measure_one(config_path: str, variant: str, data_path: str, train_steps: int
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    start_s = 0.0
-    if config.model.intents == "learned":
-        start_s = timed(lambda: init_centres(model, data, config))
-    engine = build_engine(model, config)
-    run_steps(engine, data, config, limit=3)  # warm-up of the encoder (threads, allocator)
-    clustering_s = 0.0
-    if config.model.intents == "epoch_kmeans":
-        clustering_s = timed(lambda: refresh_intents(model, data, config, epoch=1))
+    trainer = setup(config, data, device)  # model, the intent source's start, engine: as training
+    model, start_s = trainer.model, trainer.state.seconds["clustering"]
+    run_steps(trainer, limit=3)  # warm-up of the encoder (threads, allocator)
+    clustering_s = trainer.refresh_intents(1)  # epoch_kmeans: over every user; learned: nothing
     steps_per_epoch = data.steps_per_epoch(config.train.batch_size)
     counted: list[int] = []
     if train_steps:
-        train_time = timed(lambda: counted.append(run_steps(engine, data, config, limit=train_steps)[0]))
+        train_time = timed(lambda: counted.append(run_steps(trainer, limit=train_steps)[0]))
         train_s = train_time / counted[0] * steps_per_epoch
     else:
-        train_s = timed(lambda: counted.append(run_steps(engine, data, config)[0]))
+        train_s = timed(lambda: counted.append(run_steps(trainer)[0]))
     eval_s = timed(lambda: evaluate_sharded(model, data, config, split="valid", device=device))
     result = {
         "variant": variant, "users": data.info.num_users, "items": data.info.num_items,

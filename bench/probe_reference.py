@@ -1,4 +1,4 @@
-"""Probes of trained models that ask how they were trained (docs/RESULTS.md, "Where the Beauty gap comes from").
+"""Probes of trained models that ask how they were trained (docs/notes/beauty-at5-gap.md).
 
     python -m bench.probe_reference --config configs/beauty.yaml --data data/beauty \\
         --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \\
@@ -26,7 +26,7 @@ Models are named as in ``bench.compare_models`` (``NAME=best_model.pt`` or
    embeddings of each band and to the item table (``grad/TERM/position_A-B``,
    ``grad/TERM/items``), averaged over the same batches in training mode (dropout seeded per
    batch): which term shapes which parameters. And the centres' spread as training logs it
-   (``centres/*`` of ``elcrec_dist.train.centre_stats``, every user assigned): among them the
+   (``centres/*`` of ``elcrec_dist.trainer.intents.centre_stats``, every user assigned): among them the
    effective rank and the share of opposed pairs, which tell centres spread over many
    directions from centres folded onto two opposite groups.
 3. **Prefix alignment.** For ``--prefix-users`` users and every training target ``seq[m+1]``
@@ -53,14 +53,15 @@ import numpy as np
 import torch
 
 from bench.compare_models import REFERENCE_PREFIX, load_compared_model, parse_model_argument
-from elcrec_dist.batching import make_train_batch
+from elcrec_dist.batching import TrainBatch, make_train_batch
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import left_pad, train_pairs
+from elcrec_dist.embed import pooled_embeddings
 from elcrec_dist.evaluation import answer_ranks
-from elcrec_dist.losses import TrainBatch, assign_users, elcrec_terms, fuse_intents
+from elcrec_dist.losses import assign_users, elcrec_terms, fuse_intents
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
-from elcrec_dist.train import centre_stats, pooled_embeddings
+from elcrec_dist.trainer.intents import centre_stats
 from launcher.common import config_arguments, print_json_line, run_main
 
 PROBE_BATCH = 256

@@ -18,30 +18,32 @@ import time
 import torch
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.batching import make_train_batch
-from elcrec_dist.config import load_config
-from elcrec_dist.model import ELCRec
+from elcrec_dist.config import ExperimentConfig, load_config
+from elcrec_dist.runlog import RunLogger
 from elcrec_dist.stream import StreamingDataset
-from elcrec_dist.train import (
-    build_engine,
-    evaluate_sharded,
-    init_centres,
-    step_seed,
-    train_step,
-    use_deterministic_kernels,
-)
+from elcrec_dist.trainer import Trainer
+from elcrec_dist.trainer.engine import run_step
+from elcrec_dist.trainer.validation import evaluate_sharded
 
 
-def run_steps(engine, data, config, *, limit: int | None = None) -> tuple[int, int]:
-    """Training steps of epoch 0 (all, or the first ``limit``): -> (steps, users)."""
+def setup(config: ExperimentConfig, data: StreamingDataset, device: torch.device) -> Trainer:
+    """A fresh run's model, centres and engine, exactly as training builds them (nothing is
+    written: the run log is disabled and no checkpoint is saved)."""
+    trainer = Trainer(config, data, device=device, run_log=RunLogger(config.train.run_dir, enabled=False))
+    trainer.restore_or_start()
+    return trainer
+
+
+def run_steps(trainer: Trainer, *, limit: int | None = None) -> tuple[int, int]:
+    """Training steps of epoch 0 on a world of one (all, or the first ``limit``), each the
+    trainer's own step (``run_step``): -> (steps, users)."""
+    config, data = trainer.config, trainer.data
     steps = users = 0
-    need_views = config.loss.seq_cl_weight > 0 or config.loss.intent_cl_weight > 0
-    for global_step, rows in data.train_batches(epoch=0, rank=0, world=1, batch_size=config.train.batch_size, seed=config.train.seed):
-        seed = step_seed(config.train.seed, 0, global_step)
-        torch.manual_seed(seed)
-        batch = make_train_batch(rows.sequences, num_items=data.info.num_items, max_len=config.model.max_len,
-                                 augment=config.augment, generator=torch.Generator().manual_seed(seed), with_views=need_views)
-        train_step(engine, batch, config)
+    batches = data.train_batches(epoch=0, rank=0, world=1, batch_size=config.train.batch_size,
+                                 seed=config.train.seed)
+    for global_step, rows in batches:
+        run_step(trainer.engine, rows.sequences, config, num_items=data.info.num_items, rank=0,
+                 global_step=global_step)
         steps, users = steps + 1, users + len(rows)
         if limit is not None and steps >= limit:
             break
@@ -58,17 +60,12 @@ def main() -> None:
     config = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     data = StreamingDataset.open(args.data)
     device = dist_utils.init()
-    use_deterministic_kernels(device, config.train.deterministic)  # as training runs
-    torch.manual_seed(config.train.seed)
-    model = ELCRec(config.model, num_items=data.info.num_items).to(device)
-    t0 = time.perf_counter()
-    init_centres(model, data, config)
-    kmeans_s = time.perf_counter() - t0
-    engine = build_engine(model, config)
+    trainer = setup(config, data, device)
+    model, kmeans_s = trainer.model, trainer.state.seconds["clustering"]
 
-    run_steps(engine, data, config, limit=3)  # warm-up: allocator, threads, first-call paths
+    run_steps(trainer, limit=3)  # warm-up: allocator, threads, first-call paths
     t0 = time.perf_counter()
-    steps, users = run_steps(engine, data, config)
+    steps, users = run_steps(trainer)
     train_epoch_s = time.perf_counter() - t0
 
     evaluate_sharded(model, data, config, split="valid", device=device)  # warm-up
@@ -80,7 +77,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run_steps(engine, data, config, limit=args.profile)
+            run_steps(trainer, limit=args.profile)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
     print(json.dumps({

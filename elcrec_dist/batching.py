@@ -7,6 +7,7 @@ function of (users, generator state).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,9 +15,25 @@ import torch
 from elcrec_dist.augment import two_views
 from elcrec_dist.config import AugmentConfig
 from elcrec_dist.data import left_pad, train_pairs
-from elcrec_dist.losses import TrainBatch
 
 MAX_RESAMPLE_ROUNDS = 100
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One training batch of B users.
+
+    inputs:    [B, T] int64, left-padded newest items of ``seq[:-3]``;
+    targets:   [B, T] int64, the next item at every position (0 where the input is padding);
+    negatives: [B, T] int64, one item per position the user never interacted with;
+    views:     [2B, T] int64, two augmented views of every input (rows 0..B-1 view 1, B..2B-1
+               view 2), from ``elcrec_dist.augment.two_views``.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    negatives: torch.Tensor
+    views: torch.Tensor
 
 
 def padded_right(sequences: Sequence[np.ndarray], *, fill: int) -> torch.Tensor:

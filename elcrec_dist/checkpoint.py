@@ -1,4 +1,6 @@
-"""Checkpoints: the whole resumable state, committed by a manifest written last.
+"""Checkpoints: the whole resumable state, committed by a manifest written last. Everything
+about checkpoints lives here: the on-disk format (commit, verify, load), what a resume may
+change, pruning, and the ``Checkpointer`` a run uses to save and restore its engine.
 
 Layout under the run folder::
 
@@ -25,12 +27,17 @@ from typing import Any
 
 import torch
 
+from elcrec_dist import distributed as dist_utils
+from elcrec_dist.config import ExperimentConfig
+from elcrec_dist.errors import PermanentError
+from elcrec_dist.runlog import logger
+
 COMMIT_NAME = "COMMITTED.json"
 CHECKPOINTS = "checkpoints"
 FORMAT = "elcrec-dist-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PermanentError, ValueError):
     """A checkpoint is missing or does not fit. Permanent."""
 
 
@@ -281,3 +288,102 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{states}: no module weights named {OBJECTIVE_PREFIX}*")
         return {k[len(OBJECTIVE_PREFIX):]: v.float() for k, v in module.items()}
     return {k: v.float() for k, v in load_model(path)["model"].items()}
+
+
+BEST_MODEL = "best_model.pt"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The checkpoint a resumed run continues from: its folder and training state."""
+
+    folder: Path
+    state: TrainState
+
+
+class Checkpointer:
+    """One run folder's checkpoints: the resumability checks, restore, save (commit record
+    last), prune, and the best model file. Collective methods are called by every rank; files
+    are written and removed by rank 0 only.
+
+    ``config`` is the run's resolved config and ``dataset`` the dataset's fingerprint
+    (``DatasetInfo.fingerprint()``): both go into every commit record, and a resume is checked
+    against them.
+    """
+
+    def __init__(self, run_dir: str | Path, *, config: ExperimentConfig, dataset: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.dataset = dataset
+        self.best_path = self.run_dir / BEST_MODEL
+
+    def check_resumable(self) -> None:
+        """Refuse, before anything in the run folder is written, a resume that would change
+        what the run computes: its number of ranks, its config (``RESUMABLE_KEYS`` lists what
+        may change) or its dataset. Reads the newest commit record without hashing its files
+        (cheap); ``find`` verifies before anything is restored. Every rank raises."""
+        problem = None
+        if dist_utils.is_main():
+            found = newest_record(self.run_dir)
+            if found is not None:
+                try:
+                    check_resume(*found, config=self.config.to_dict(), dataset=self.dataset,
+                                 world=dist_utils.world_size())
+                except CheckpointError as exc:
+                    problem = str(exc)
+        problem = dist_utils.broadcast_object(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
+
+    def find(self, resume: str | None) -> Restored | None:
+        """The newest complete checkpoint to resume from, as rank 0 chose it (every rank gets
+        the same), checked against this run's config, dataset and ranks. ``resume``: None
+        starts afresh; ``"required"`` raises if there is none; ``"auto"`` returns None then."""
+        found = latest_checkpoint(self.run_dir) if resume and dist_utils.is_main() else None
+        found = dist_utils.broadcast_object(found)
+        if resume == "required" and found is None:
+            raise CheckpointError(f"--resume: no complete checkpoint under {self.run_dir / CHECKPOINTS}")
+        if found is None:
+            return None
+        folder, committed = found
+        changes = check_resume(folder, committed, config=self.config.to_dict(), dataset=self.dataset,
+                               world=dist_utils.world_size())
+        if changes.unrecorded and dist_utils.is_main():
+            logger.warning("%s does not record %s (written before they existed); continuing with this run's values",
+                           folder, ", ".join(changes.unrecorded))
+        if changes.dropped and dist_utils.is_main():
+            logger.warning("%s records %s, which this version no longer has", folder, ", ".join(changes.dropped))
+        return Restored(folder, TrainState.from_dict(committed["state"]))
+
+    def load(self, engine: Any, restored: Restored) -> None:
+        """Restore the engine (model, optimizer partitions) from ``restored``; then drop the
+        partial saves a killed run may have left (rank 0, after every rank has read)."""
+        folder = restored.folder
+        engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        dist_utils.barrier()
+        if dist_utils.is_main():
+            prune(self.run_dir, keep=self.config.train.keep_checkpoints)
+
+    def save(self, engine: Any, state: TrainState) -> None:
+        """Every rank writes its engine state; after a barrier rank 0 commits (record last) and
+        prunes to ``train.keep_checkpoints``."""
+        folder = self.run_dir / CHECKPOINTS / tag_of(state.global_step)
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
+        dist_utils.barrier()
+        if dist_utils.is_main():
+            commit(folder, state=state, config=self.config.to_dict(), dataset=self.dataset)
+            prune(self.run_dir, keep=self.config.train.keep_checkpoints)
+        dist_utils.barrier()
+
+    def save_best(self, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+        """The best weights so far, with the config and ``meta`` (rank 0)."""
+        if dist_utils.is_main():
+            save_model(self.best_path, state=model.state_dict(), config=self.config.to_dict(), meta=meta)
+
+    def load_best(self, model: torch.nn.Module) -> bool:
+        """Load the best weights into ``model`` if a best model was saved (the run folder is
+        shared by every rank); returns whether it was."""
+        if not self.best_path.exists():
+            return False
+        model.load_state_dict(load_model(self.best_path)["model"])
+        return True

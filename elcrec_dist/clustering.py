@@ -218,15 +218,36 @@ def kmeans(
     return best
 
 
-def assign(x: Tensor, centres: Tensor) -> Tensor:
-    """Nearest centre (squared Euclidean, ties to the lower index): x [M, D], centres [k, D] -> [M] int64."""
-    x = _check_points(x)
-    centres = _check_points(centres, "centres").to(x.dtype)
-    if centres.shape[1] != x.shape[1]:
-        raise ValueError(f"centres have {centres.shape[1]} dimensions, x has {x.shape[1]}")
+NEAREST_CHUNK_ELEMENTS = 1 << 24  # [rows, k] scores per chunk of ``nearest_centre`` (64 MiB fp32)
+
+
+def nearest_centre(x: Tensor, centres: Tensor) -> Tensor:
+    """The nearest centre of each row (squared Euclidean distance; ties to the lowest index).
+
+    x [M, D], centres [k, D] -> [M] int64, no gradient. This is the one assignment rule of the
+    project: intent fusion, the intent-CL positives, the centre statistics and the diagnostics
+    all call it. ``||x||²`` is the same for every centre of a row, so ``||c||² − 2 x·c`` orders
+    centres exactly as the distance does. Rows are scored in chunks of at most
+    ``NEAREST_CHUNK_ELEMENTS`` scores (a training step's [2B·T, k] fits in one), so memory
+    stays bounded for millions of users. (Lloyd's iterations above keep their own expansion
+    because they need each point's distance, not only the argmin.)
+    """
+    if x.dim() != 2 or centres.dim() != 2 or x.shape[1] != centres.shape[1]:
+        raise ValueError(
+            f"nearest_centre: x [M, D] and centres [k, D] must share D (dimensions), got "
+            f"{tuple(x.shape)} and {tuple(centres.shape)}"
+        )
     if centres.shape[0] == 0:
-        raise ValueError("no centres to assign to")
-    return _nearest(x, centres)[0]
+        raise ValueError("nearest_centre: no centres to assign to")
+    with torch.no_grad():
+        c_sq = centres.pow(2).sum(-1)[None, :]  # [1, k]
+        rows = max(1, NEAREST_CHUNK_ELEMENTS // centres.shape[0])
+        if x.shape[0] <= rows:
+            return (c_sq - 2.0 * (x @ centres.T)).argmin(dim=1)  # argmin: the first minimum
+        return torch.cat([
+            (c_sq - 2.0 * (x[start : start + rows] @ centres.T)).argmin(dim=1)
+            for start in range(0, x.shape[0], rows)
+        ])
 
 
 # ----------------------------------------------------------------------------------------------

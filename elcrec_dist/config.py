@@ -15,9 +15,11 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+from elcrec_dist.errors import PermanentError
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,7 +45,10 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+T = TypeVar("T")
+
+
+class ConfigError(PermanentError, ValueError):
     """A configuration value or key is wrong. Permanent: retrying will not help."""
 
 
@@ -67,17 +72,17 @@ class ModelConfig:
     intents: Literal["learned", "epoch_kmeans"] = "learned"
 
     def validate(self) -> None:
-        _require(self.num_layers >= 1, "model.num_layers must be >= 1")
-        _require(self.hidden_size >= 1, "model.hidden_size must be >= 1")
-        _require(
+        require(self.num_layers >= 1, "model.num_layers must be >= 1")
+        require(self.hidden_size >= 1, "model.hidden_size must be >= 1")
+        require(
             self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
             f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})",
         )
-        _require(self.max_len >= 2, "model.max_len must be >= 2")
-        _require(self.num_clusters >= 1, "model.num_clusters must be >= 1")
+        require(self.max_len >= 2, "model.max_len must be >= 2")
+        require(self.num_clusters >= 1, "model.num_clusters must be >= 1")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"model.{name} must be in [0, 1), got {value}")
+            require(0.0 <= value < 1.0, f"model.{name} must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True)
@@ -112,9 +117,9 @@ class LossConfig:
     negatives: Literal["global", "local"] = "global"
 
     def validate(self) -> None:
-        _require(self.temperature > 0, "loss.temperature must be > 0")
+        require(self.temperature > 0, "loss.temperature must be > 0")
         for name in ("seq_cl_weight", "intent_cl_weight", "cluster_weight"):
-            _require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+            require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -130,16 +135,16 @@ class AugmentConfig:
     window_starts: Literal["all", "reference"] = "all"
 
     def validate(self) -> None:
-        _require(
+        require(
             self.window_starts in ("all", "reference"),
             f"augment.window_starts must be 'all' or 'reference', got {self.window_starts!r}",
         )
         for name in ("crop_ratio", "mask_ratio", "reorder_ratio"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"augment.{name} must be in [0, 1], got {value}")
-        _require(len(self.methods) >= 1, "augment.methods must name at least one method")
+            require(0.0 <= value <= 1.0, f"augment.{name} must be in [0, 1], got {value}")
+        require(len(self.methods) >= 1, "augment.methods must name at least one method")
         for method in self.methods:
-            _require(
+            require(
                 method in ("crop", "mask", "reorder"),
                 f"augment.methods: unknown method {method!r} (expected crop, mask or reorder)",
             )
@@ -155,10 +160,10 @@ class KMeansConfig:
     batch_size: int = 1024  # users per encoder pass while embedding the sample
 
     def validate(self) -> None:
-        _require(self.sample_users >= 1, "kmeans.sample_users must be >= 1")
-        _require(self.iterations >= 1, "kmeans.iterations must be >= 1")
-        _require(self.restarts >= 1, "kmeans.restarts must be >= 1")
-        _require(self.batch_size >= 1, "kmeans.batch_size must be >= 1")
+        require(self.sample_users >= 1, "kmeans.sample_users must be >= 1")
+        require(self.iterations >= 1, "kmeans.iterations must be >= 1")
+        require(self.restarts >= 1, "kmeans.restarts must be >= 1")
+        require(self.batch_size >= 1, "kmeans.batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -192,15 +197,15 @@ class TrainConfig:
     deterministic: bool = True
 
     def validate(self) -> None:
-        _require(self.epochs >= 1, "train.epochs must be >= 1")
-        _require(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive negatives)")
-        _require(self.lr > 0, "train.lr must be > 0")
-        _require(self.patience >= 1, "train.patience must be >= 1")
-        _require(self.eval_every >= 1, "train.eval_every must be >= 1")
-        _require(self.log_every >= 1, "train.log_every must be >= 1")
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _require(all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be in [0, 1)")
+        require(self.epochs >= 1, "train.epochs must be >= 1")
+        require(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive negatives)")
+        require(self.lr > 0, "train.lr must be > 0")
+        require(self.patience >= 1, "train.patience must be >= 1")
+        require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        require(self.log_every >= 1, "train.log_every must be >= 1")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -208,12 +213,16 @@ class EvalConfig:
     batch_size: int = 1024
     ks: tuple[int, ...] = (5, 10, 20)
     select_metric: str = "NDCG@20"  # validation metric for early stopping and best checkpoint
+    # Items scored at a time (elcrec_dist.evaluation): memory follows batch_size x tile_items,
+    # not the catalogue; the metrics do not depend on it.
+    tile_items: int = 16384
 
     def validate(self) -> None:
-        _require(self.batch_size >= 1, "eval.batch_size must be >= 1")
-        _require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), "eval.ks must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        require(self.tile_items >= 1, f"eval.tile_items must be >= 1, got {self.tile_items}")
+        require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), "eval.ks must be >= 1")
         names = {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")} | {"MRR"}
-        _require(
+        require(
             self.select_metric in names,
             f"eval.select_metric {self.select_metric!r} is not one of {sorted(names)}",
         )
@@ -236,20 +245,20 @@ class DeepSpeedConfig:
     overlap_comm: bool = False
 
     def validate(self) -> None:
-        _require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
-        _require(self.reduce_bucket_size >= 1, f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
+        require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
+        require(self.reduce_bucket_size >= 1, f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
         # ZeRO aligns its all-gather buffers to 4 bytes, counted in 2-byte elements
-        _require(
+        require(
             self.allgather_bucket_size >= 2 and self.allgather_bucket_size % 2 == 0,
             f"deepspeed.allgather_bucket_size must be a positive even number, got {self.allgather_bucket_size}",
         )
         # At stage 0 DeepSpeed keeps bf16 master weights in an optimizer without the fp32
         # accessors that the centres' per-step re-projection writes through (train.project_centres).
-        _require(
+        require(
             not (self.bf16 and self.zero_stage == 0),
             "deepspeed.bf16 needs deepspeed.zero_stage 1 or 2 (the centre re-projection must reach the fp32 master copy)",
         )
-        _require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0")
+        require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -269,15 +278,15 @@ class ExperimentConfig:
             section: Any = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
-        _require(
+        require(
             not (self.loss.cluster_pairs == "distinct" and self.model.num_clusters < 2),
             "loss.cluster_pairs=distinct needs model.num_clusters >= 2",
         )
-        _require(
+        require(
             not (self.loss.cluster_form != "published" and self.model.num_clusters < 2),
             f"loss.cluster_form={self.loss.cluster_form} needs model.num_clusters >= 2 (its uniformity term is over centre pairs)",
         )
-        _require(
+        require(
             not (self.model.intents == "epoch_kmeans" and self.loss.cluster_weight > 0),
             "model.intents=epoch_kmeans keeps the centres fixed during an epoch: set loss.cluster_weight to 0 "
             f"(got {self.loss.cluster_weight})",
@@ -287,7 +296,8 @@ class ExperimentConfig:
         return _to_plain(self)
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition`` holds (for every ``validate``)."""
     if not condition:
         raise ConfigError(message)
 
@@ -304,10 +314,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against ``annotation``; return it in the annotated form (lists -> tuples)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(annotation, value, key)
+        return typed_from_mapping(annotation, value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
@@ -350,8 +360,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}")  # pragma: no cover
 
 
-def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
+def typed_from_mapping(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """An instance of the dataclass ``cls`` from a plain mapping: every value checked against
+    its annotation (nested dataclasses, literals, tuples, unions), unknown keys an error naming
+    the key (under ``prefix``). Not validated beyond types: call the result's ``validate``."""
     hints = typing.get_type_hints(cls)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"typed_from_mapping: {cls!r} is not a dataclass")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -367,7 +382,8 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating sections on the way."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -394,7 +410,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    config = _build(ExperimentConfig, values, "")
+    config = typed_from_mapping(ExperimentConfig, values, "")
     config.validate()
     return config
 
@@ -439,7 +455,7 @@ def load_config(
     source = ", ".join(str(p) for p in paths)
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return config_from_dict(tree)
     except ConfigError as exc:

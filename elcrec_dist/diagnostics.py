@@ -8,14 +8,14 @@ than chance.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elcrec_dist.clustering import assign, normalized_mutual_info
-from elcrec_dist.data import Split, eval_batch, left_pad, train_pairs
+from elcrec_dist.clustering import nearest_centre, normalized_mutual_info
+from elcrec_dist.data import Split, eval_batch, train_pairs
+from elcrec_dist.embed import pooled_embeddings
 from elcrec_dist.evaluation import answer_ranks, finalize, metric_sums
 from elcrec_dist.model import ELCRec
 
@@ -50,25 +50,6 @@ def popularity_metrics(
     return finalize(popularity_sums(sequences, counts, split=split, ks=ks), len(sequences))
 
 
-def popularity_metrics_sharded(data: Any, config: Any, *, rank: int, world: int, device: torch.device) -> dict[str, float]:
-    """Most-popular baseline on test over a ``StreamingDataset``: each rank counts items of its
-    share, counts are summed over ranks, each rank ranks its users, sums are reduced."""
-    from elcrec_dist import distributed as dist_utils
-
-    counts = np.zeros(data.info.num_items + 1, dtype=np.float64)
-    for chunk in data.eval_sequences(rank=rank, world=world):
-        counts += item_counts(chunk.sequences, num_items=data.info.num_items)
-    counts = dist_utils.global_sum(torch.from_numpy(counts).to(device)).cpu().numpy()
-    totals: dict[str, float] = {}
-    users = 0
-    for chunk in data.eval_sequences(rank=rank, world=world):
-        for name, value in popularity_sums(chunk.sequences, counts, split="test", ks=config.eval.ks).items():
-            totals[name] = totals.get(name, 0.0) + value
-        users += len(chunk)
-    reduced = dist_utils.all_reduce_sums({**totals, "__count": float(users)}, device)
-    return finalize(reduced, int(reduced.pop("__count")))
-
-
 @torch.no_grad()
 def intent_recovery(
     model: ELCRec, sequences: Sequence[np.ndarray], planted: np.ndarray, *, seed: int = 0
@@ -79,17 +60,9 @@ def intent_recovery(
     assigned to the nearest normalised centre. Chance is the NMI of the same assignment against
     the planted labels randomly permuted over users (mean of 5 permutations).
     """
-    was_training = model.training
-    model.eval()
-    device = model.item_embeddings.weight.device
-    pooled = []
-    for start in range(0, len(sequences), 1024):
-        chunk = [train_pairs(s)[0] for s in sequences[start : start + 1024]]
-        pooled.append(model.pooled(model(left_pad(chunk, model.config.max_len).to(device))).float().cpu())
-    model.train(was_training)
-    users = F.normalize(torch.cat(pooled), dim=-1)
+    users = F.normalize(pooled_embeddings(model, sequences, batch_size=1024), dim=-1)
     centres = F.normalize(model.cluster_centers.detach().float().cpu(), dim=-1)
-    assigned = assign(users, centres).numpy()
+    assigned = nearest_centre(users, centres).numpy()
     rng = np.random.default_rng(seed)
     chance = float(np.mean([normalized_mutual_info(rng.permutation(planted), assigned) for _ in range(5)]))
     return {

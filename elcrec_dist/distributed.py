@@ -7,7 +7,8 @@ On CPU (DeepSpeed's CPU accelerator) the backend is gloo; on CUDA it is NCCL. A 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -159,10 +160,39 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def batch_shard(local_rows: int, *, device: torch.device, local_negatives: bool = False) -> Any:
-    """The ``losses.BatchShard`` of this rank for a step where it holds ``local_rows`` users."""
-    from elcrec_dist.losses import BatchShard
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
+
+@dataclass(frozen=True)
+class BatchShard:
+    """Where this rank's B_local rows sit in the global batch of B_global rows.
+
+    Under data parallelism every term is returned as this rank's *contribution*: the terms of
+    the global batch are the sums of the contributions over ranks (so 2 ranks x 128 users
+    compute the same loss as 1 rank x 256). ``gather`` concatenates a [B_local, ...] tensor
+    from all ranks in rank order, with gradient; ``global_sum`` adds a tensor over ranks
+    (no gradient). With ``local_negatives`` the contrastive terms use only this rank's rows as
+    negatives (each rank's mean, weighted by its share of the global batch).
+    The default is a world of one, where a contribution is the term itself.
+    """
+
+    world: int = 1
+    offset: int = 0  # index of this rank's first row in the gathered batch
+    global_rows: int | None = None  # B_global; None means B_local (a world of one)
+    gather: Callable[[torch.Tensor], torch.Tensor] = _identity
+    global_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+    local_negatives: bool = False
+
+    def rows(self, local_rows: int) -> int:
+        return local_rows if self.global_rows is None else self.global_rows
+
+
+LOCAL = BatchShard()
+
+
+def batch_shard(local_rows: int, *, device: torch.device, local_negatives: bool = False) -> BatchShard:
+    """The ``BatchShard`` of this rank for a step where it holds ``local_rows`` users."""
     counts = row_counts(local_rows, device)
     r = rank()
     return BatchShard(
@@ -173,3 +203,14 @@ def batch_shard(local_rows: int, *, device: torch.device, local_negatives: bool 
         global_sum=global_sum,
         local_negatives=local_negatives,
     )
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak memory of the busiest rank: resident set (MiB) and, on CUDA, the allocator's peak."""
+    import resource
+
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else -1.0
+    peak = all_reduce_max({"rss_mib": rss_mib, "cuda_mib": cuda_mib}, device)
+    cuda = peak["cuda_mib"] if peak["cuda_mib"] >= 0 else None
+    return {"rss_mib": peak["rss_mib"], "cuda_max_allocated_mib": cuda}

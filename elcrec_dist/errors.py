@@ -5,6 +5,10 @@
   same job cannot help; a Kubernetes ``podFailurePolicy`` should fail the job on it.
 - ``EXIT_RETRYABLE`` (75, ``EX_TEMPFAIL``): storage hiccups, a lost peer, a timeout. Running the
   job again (resuming) may succeed.
+
+An error class carries its own code (``exit_code``): every permanent error of the project
+derives from ``PermanentError`` where it is defined, so this module imports nothing of the
+project. Errors of other libraries are mapped by family in ``exit_code_for``.
 """
 
 from __future__ import annotations
@@ -15,24 +19,29 @@ EXIT_RETRYABLE = 75
 
 
 class PermanentError(Exception):
-    """Base for errors of other packages (e.g. ``data_prep.writer.PrepError``) that retrying
-    cannot fix; the library's own permanent errors are listed in ``permanent_error_types``."""
+    """Retrying cannot fix it (bad config, bad data, a checkpoint that does not fit)."""
+
+    exit_code = EXIT_PERMANENT
 
 
-def permanent_error_types() -> tuple[type[BaseException], ...]:
-    from elcrec_dist.checkpoint import CheckpointError
-    from elcrec_dist.config import ConfigError
-    from elcrec_dist.prepared import DatasetError
-    from elcrec_dist.reference import ReferenceError
+class RetryableError(Exception):
+    """Running the job again may succeed (storage trouble, a lost peer, a timeout)."""
 
-    return (PermanentError, ConfigError, DatasetError, ReferenceError, CheckpointError)
+    exit_code = EXIT_RETRYABLE
+
+
+# torch.distributed's failures of a peer or of the rendezvous store (by name: importing torch
+# here would make every entry point pay for it before its first message)
+_RETRYABLE_NAMES = ("DistBackendError", "DistNetworkError", "DistStoreError")
 
 
 def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, permanent_error_types()):
-        return EXIT_PERMANENT
+    """The documented exit code for ``exc``; 1 for anything unexpected (a bug: let it trace)."""
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return code
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return EXIT_RETRYABLE
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+    if type(exc).__name__ in _RETRYABLE_NAMES:
         return EXIT_RETRYABLE
     return 1

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (spec: "Evaluation").
+"""Full-ranking evaluation and top-K recommendation (spec: "Evaluation").
 
 Every item 1..N is a candidate; the padding id 0 never is. Items of the user's input history are
 excluded (they never count as ranked above the answer), except the answer itself when it also
@@ -11,22 +11,50 @@ whose score is >= its own, so a model that scores everything equal gets no credi
 
 Metrics are returned as sums plus a user count so that ranks (or shards) can be added up before
 dividing: HR@k = 1[rank < k], NDCG@k = 1/log2(rank + 2) if rank < k, MRR = 1/(rank + 1).
+
+Scoring in item tiles. A dense [B, N + 1] score matrix grows with the catalogue (1,024 users x
+10 M items is 41 GB). ``tiled_answer_ranks`` and ``top_k_items`` score ``tile_items`` items at a
+time (``users @ table[lo:hi].T``) and fold each tile into a running rank count or a running
+top-K, so memory follows B x tile_items. The dense functions (``answer_ranks``, ``dense_top_k``;
+``tile_items=None`` in ``evaluate_batch``) stay as the readable reference, and tests hold the two
+equal. Each decision compares the same float32 dot products as the dense matrix holds, so the
+results are equal wherever the matrix product rounds a dot product the same whatever the shape of
+the product it sits in: always for integer-valued tables (exact arithmetic, any tile size); with
+trained weights on this machine's MKL for tiles of 1,000 items or more and batches of 64 users or
+more. Narrower products (a few users or items) may go through other kernels whose last bit
+differs, as the dense path's scores already differ between batch sizes.
+
+Top-K order: score descending, ties by item id ascending (-0.0 and 0.0 are one score). Scores
+must not be NaN.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from elcrec_dist.config import EvalConfig
 from elcrec_dist.data import EvalBatch, Split, eval_batch
 from elcrec_dist.model import ELCRec
 
+DEFAULT_TILE_ITEMS = EvalConfig.tile_items
+
+
+def _excluded_history(history: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The history sorted [B, L] and a mask [B, L] of the entries to exclude: each distinct item
+    once, never padding (0) and never the answer itself."""
+    ordered = history.sort(dim=1).values  # [B, L]
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return ordered, (ordered > 0) & ~repeated & (ordered != answers[:, None])
+
 
 def answer_ranks(scores: torch.Tensor, answers: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """0-based pessimistic rank of each answer among the candidates.
+    """0-based pessimistic rank of each answer among the candidates (dense reference).
 
     scores: [B, N + 1] (column 0 is padding); answers: [B]; history: [B, L] item ids to exclude,
     0 where empty. Returns [B] int64. ``scores`` is not modified.
@@ -37,13 +65,172 @@ def answer_ranks(scores: torch.Tensor, answers: torch.Tensor, history: torch.Ten
     """
     answer_scores = scores.gather(1, answers[:, None])  # [B, 1]
     at_least = (scores >= answer_scores).sum(dim=1)  # includes the answer itself
-    ordered = history.sort(dim=1).values  # [B, L]
-    repeated = torch.zeros_like(ordered, dtype=torch.bool)
-    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    excluded = (ordered > 0) & ~repeated & (ordered != answers[:, None])
+    ordered, excluded = _excluded_history(history, answers)
     counted = excluded & (scores.gather(1, ordered) >= answer_scores)
     padding = scores[:, 0] >= answer_scores[:, 0]
     return at_least - 1 - counted.sum(dim=1) - padding.long()
+
+
+def tile_ranges(num_items: int, tile_items: int) -> Iterator[tuple[int, int]]:
+    """Item id ranges [lo, hi) covering the candidates 1..num_items, ``tile_items`` at a time."""
+    if tile_items < 1:
+        raise ValueError(f"tile_items must be >= 1, got {tile_items}")
+    for lo in range(1, num_items + 1, tile_items):
+        yield lo, min(lo + tile_items, num_items + 1)
+
+
+def score_tile(users: torch.Tensor, table: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Scores of items lo..hi-1: users [B, D], table [N + 1, D] -> [B, hi - lo] float32. The
+    same product as ``ELCRec.score_all`` restricted to those rows."""
+    return (users @ table[lo:hi].T).float()
+
+
+# Users per block when scoring each user's answer alone: a [block, block] product of which the
+# diagonal is kept, so memory stays bounded for any batch size.
+_ANSWER_BLOCK = 1024
+
+
+def answer_scores(users: torch.Tensor, table: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Each user's score of its own answer: users [B, D], answers [B] -> [B] float32.
+
+    A matrix product (the diagonal of users @ table[answers].T) rather than a row-wise sum, so
+    the dot product is computed like the tiles' (a row-wise sum rounds differently)."""
+    parts = []
+    for start in range(0, users.shape[0], _ANSWER_BLOCK):
+        block = slice(start, start + _ANSWER_BLOCK)
+        parts.append((users[block] @ table[answers[block]].T).float().diagonal())
+    return torch.cat(parts)
+
+
+def tiled_answer_ranks(
+    users: torch.Tensor,
+    table: torch.Tensor,
+    answers: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    tile_items: int,
+) -> torch.Tensor:
+    """``answer_ranks`` without the [B, N + 1] matrix: users [B, D], table [N + 1, D] (row 0
+    padding), answers [B], history [B, L] (0 where empty) -> [B] int64.
+
+    Per tile of items: count those scoring >= the answer, then take back the excluded history
+    items and the answer itself that lie in the tile (found in the small [B, L] history)."""
+    threshold = answer_scores(users, table, answers)[:, None]  # [B, 1]
+    ordered, excluded = _excluded_history(history, answers)
+    count = torch.zeros(users.shape[0], dtype=torch.int64, device=users.device)
+    for lo, hi in tile_ranges(table.shape[0] - 1, tile_items):
+        at_least = score_tile(users, table, lo, hi) >= threshold  # [B, T]
+        count += at_least.sum(dim=1)
+        inside = excluded & (ordered >= lo) & (ordered < hi)  # [B, L]
+        taken = inside & at_least.gather(1, torch.where(inside, ordered - lo, 0))
+        count -= taken.sum(dim=1)
+        own = (answers >= lo) & (answers < hi)  # [B]
+        itself = at_least.gather(1, torch.where(own, answers - lo, 0)[:, None])[:, 0]
+        count -= (own & itself).long()
+    return count
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The K best items per user, best first: items [B, K] int64 and their scores [B, K] float32.
+
+    Where fewer than K candidates remain (a history covering nearly the whole catalogue), the
+    trailing entries are item 0 with score -inf."""
+
+    items: torch.Tensor
+    scores: torch.Tensor
+
+
+# A float32 score and an item id packed into one int64 whose order is (score desc, id asc) under
+# a descending top-k: the high 32 bits are the score's bits made order-preserving as a signed
+# integer, the low 32 bits are 2**32 - 1 - id. Keys are then unique per row, so torch.topk's
+# unspecified order among equal values never decides anything.
+_ID_SPAN = 1 << 32
+_MISSING = torch.iinfo(torch.int64).min  # an excluded item: below every packed key
+_NO_EFFECT = torch.iinfo(torch.int64).max  # leaves a key as it is under scatter "amin"
+
+
+def _pack(scores: torch.Tensor, first_id: int) -> torch.Tensor:
+    """scores [B, T] float32 of items first_id.. -> int64 keys [B, T]."""
+    scores = scores.masked_fill(scores == 0, 0.0)  # -0.0 == 0.0: one score, one key
+    bits = scores.view(torch.int32).to(torch.int64)
+    # A negative float's magnitude grows with its bits; flipping the 31 low bits reverses that.
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ids = torch.arange(first_id, first_id + scores.shape[1], device=scores.device)
+    return bits * _ID_SPAN + (_ID_SPAN - 1 - ids)
+
+
+def _unpack(keys: torch.Tensor) -> TopK:
+    """int64 keys [B, K] -> TopK (missing keys become item 0, score -inf)."""
+    high = torch.div(keys, _ID_SPAN, rounding_mode="floor")
+    items = _ID_SPAN - 1 - (keys - high * _ID_SPAN)
+    bits = torch.where(high < 0, high ^ 0x7FFFFFFF, high).to(torch.int32)
+    missing = keys == _MISSING
+    return TopK(
+        items=items.masked_fill(missing, 0),
+        scores=bits.view(torch.float32).masked_fill(missing, -math.inf),
+    )
+
+
+def _check_k(k: int, num_items: int) -> None:
+    if not 1 <= k <= num_items:
+        raise ValueError(f"k must be in 1..{num_items} (the catalogue), got {k}")
+    if num_items >= _ID_SPAN - 1:
+        raise ValueError(f"top-K packs item ids into 32 bits; {num_items} items do not fit")
+
+
+def top_k_items(
+    users: torch.Tensor,
+    table: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    k: int,
+    keep_history: bool = False,
+    tile_items: int = DEFAULT_TILE_ITEMS,
+) -> TopK:
+    """The ``k`` best items 1..N for each user, scored ``tile_items`` at a time.
+
+    users [B, D], table [N + 1, D] (row 0 padding, never returned), history [B, L] item ids
+    (0 where empty), excluded unless ``keep_history``. Order: score descending, ties by item id
+    ascending. Memory: B x tile_items keys plus a running [B, k]."""
+    num_items = table.shape[0] - 1
+    _check_k(k, num_items)
+    running = torch.full((users.shape[0], k), _MISSING, dtype=torch.int64, device=users.device)
+    for lo, hi in tile_ranges(num_items, tile_items):
+        keys = _pack(score_tile(users, table, lo, hi), lo)  # [B, T]
+        if not keep_history:
+            inside = (history >= lo) & (history < hi)  # [B, L]; padding 0 is never inside
+            keys.scatter_reduce_(
+                1,
+                torch.where(inside, history - lo, 0),
+                torch.where(inside, _MISSING, _NO_EFFECT),
+                reduce="amin",
+            )
+        best = keys.topk(min(k, hi - lo), dim=1).values  # [B, <= k]
+        running = torch.cat([running, best], dim=1).topk(k, dim=1).values
+    return _unpack(running)
+
+
+def dense_top_k(
+    scores: torch.Tensor, history: torch.Tensor, *, k: int, keep_history: bool = False
+) -> TopK:
+    """Readable reference for ``top_k_items`` on a dense scores [B, N + 1] (column 0 padding):
+    sort every item by score, descending, with a stable sort (ties stay in id order), then move
+    the excluded ones (padding, and the history unless kept) behind the rest, stably again."""
+    _check_k(k, scores.shape[1] - 1)
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    if not keep_history:
+        excluded.scatter_(1, history, True)
+    excluded[:, 0] = True
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    last = excluded.gather(1, order).to(torch.int8).sort(dim=1, stable=True).indices
+    top = order.gather(1, last)[:, :k]  # [B, k]
+    dropped = excluded.gather(1, top)
+    values = scores.gather(1, top)
+    return TopK(
+        items=top.masked_fill(dropped, 0),
+        scores=values.masked_fill(values == 0, 0.0).masked_fill(dropped, -math.inf),
+    )
 
 
 def naive_answer_rank(scores: Sequence[float], answer: int, history: Iterable[int]) -> int:
@@ -82,14 +269,55 @@ def ndcg_of_rank(rank: int) -> float:
     return 1.0 / math.log2(rank + 2)
 
 
-@torch.no_grad()
-def evaluate_batch(model: ELCRec, batch: EvalBatch, ks: Sequence[int]) -> dict[str, float]:
-    """Metric sums for one batch, model in whatever mode the caller set (eval for ranking)."""
+def user_vectors(model: ELCRec, inputs: torch.Tensor) -> torch.Tensor:
+    """Prediction vectors of left-padded inputs [B, T] -> [B, D] on the model's device, in
+    whatever mode the caller set (eval for ranking)."""
     device = model.item_embeddings.weight.device
-    hidden = model(batch.inputs.to(device), last_only=True)  # [B, 1, D]
-    scores = model.score_all(model.user_vector(hidden)).float()  # [B, N + 1]
-    ranks = answer_ranks(scores, batch.answers.to(device), batch.history.to(device))
+    return model.user_vector(model(inputs.to(device), last_only=True))
+
+
+@torch.no_grad()
+def evaluate_batch(
+    model: ELCRec,
+    batch: EvalBatch,
+    ks: Sequence[int],
+    *,
+    tile_items: int | None = DEFAULT_TILE_ITEMS,
+) -> dict[str, float]:
+    """Metric sums for one batch, model in whatever mode the caller set (eval for ranking).
+
+    ``tile_items=None`` ranks on the dense [B, N + 1] score matrix (the reference)."""
+    users = user_vectors(model, batch.inputs)  # [B, D]
+    answers, history = batch.answers.to(users.device), batch.history.to(users.device)
+    if tile_items is None:
+        ranks = answer_ranks(model.score_all(users).float(), answers, history)
+    else:
+        table = model.item_embeddings.weight
+        ranks = tiled_answer_ranks(users, table, answers, history, tile_items=tile_items)
     return metric_sums(ranks, ks)
+
+
+@torch.no_grad()
+def recommend(
+    model: ELCRec,
+    inputs: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    k: int,
+    keep_history: bool = False,
+    tile_items: int = DEFAULT_TILE_ITEMS,
+) -> TopK:
+    """Top-``k`` items for users with left-padded inputs [B, T] and history [B, L] (0 where
+    empty; excluded unless ``keep_history``), model in whatever mode the caller set."""
+    users = user_vectors(model, inputs)
+    return top_k_items(
+        users,
+        model.item_embeddings.weight,
+        history.to(users.device),
+        k=k,
+        keep_history=keep_history,
+        tile_items=tile_items,
+    )
 
 
 @torch.no_grad()
@@ -100,9 +328,11 @@ def evaluate_sums(
     split: Split,
     ks: Sequence[int] = (5, 10, 20),
     batch_size: int = 1024,
+    tile_items: int | None = DEFAULT_TILE_ITEMS,
     progress: bool = False,
 ) -> tuple[dict[str, float], int]:
-    """Full-rank metric sums and user count over ``sequences`` for ``split`` (eval mode)."""
+    """Full-rank metric sums and user count over ``sequences`` for ``split`` (eval mode),
+    the catalogue scored ``tile_items`` items at a time (None: the dense reference)."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -114,7 +344,8 @@ def evaluate_sums(
     try:
         for start in starts:
             chunk = sequences[start : start + batch_size]
-            sums = evaluate_batch(model, eval_batch(chunk, split, model.config.max_len), ks)
+            batch = eval_batch(chunk, split, model.config.max_len)
+            sums = evaluate_batch(model, batch, ks, tile_items=tile_items)
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + value
     finally:

@@ -11,64 +11,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from elcrec_dist.batching import TrainBatch
+from elcrec_dist.clustering import nearest_centre
 from elcrec_dist.config import LossConfig
+from elcrec_dist.distributed import LOCAL, BatchShard
 from elcrec_dist.model import ELCRec
 
 TERMS = ("next_item", "seq_cl", "intent_cl", "cluster")
 
 
-@dataclass(frozen=True)
-class TrainBatch:
-    """One training batch of B users.
-
-    inputs:    [B, T] int64, left-padded newest items of ``seq[:-3]``;
-    targets:   [B, T] int64, the next item at every position (0 where the input is padding);
-    negatives: [B, T] int64, one item per position the user never interacted with;
-    views:     [2B, T] int64, two augmented views of every input (rows 0..B-1 view 1, B..2B-1
-               view 2), from ``elcrec_dist.augment.two_views``.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    negatives: torch.Tensor
-    views: torch.Tensor
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@dataclass(frozen=True)
-class BatchShard:
-    """Where this rank's B_local rows sit in the global batch of B_global rows.
-
-    Under data parallelism every term is returned as this rank's *contribution*: the terms of
-    the global batch are the sums of the contributions over ranks (so 2 ranks x 128 users
-    compute the same loss as 1 rank x 256). ``gather`` concatenates a [B_local, ...] tensor
-    from all ranks in rank order, with gradient; ``global_sum`` adds a tensor over ranks
-    (no gradient). With ``local_negatives`` the contrastive terms use only this rank's rows as
-    negatives (each rank's mean, weighted by its share of the global batch).
-    The default is a world of one, where a contribution is the term itself.
-    """
-
-    world: int = 1
-    offset: int = 0  # index of this rank's first row in the gathered batch
-    global_rows: int | None = None  # B_global; None means B_local (a world of one)
-    gather: Callable[[torch.Tensor], torch.Tensor] = _identity
-    global_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
-    local_negatives: bool = False
-
-    def rows(self, local_rows: int) -> int:
-        return local_rows if self.global_rows is None else self.global_rows
-
-
-LOCAL = BatchShard()
 
 
 def _check(condition: bool, message: str) -> None:
@@ -159,22 +115,6 @@ def normalize_centres(centres: torch.Tensor, gradient: Literal["reference", "tan
     raise ValueError(f"normalize_centres: gradient must be 'reference' or 'tangent', got {gradient!r}")
 
 
-def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centre in squared Euclidean distance; ties go to the lowest index.
-
-    x [M, D], centres [k, D] -> [M] int64. ``||x||²`` is the same for every centre of a row, so
-    ``||c||² − 2 x·c`` orders centres exactly as the distance does.
-    """
-    _check(
-        x.dim() == 2 and centres.dim() == 2 and x.shape[1] == centres.shape[1],
-        f"nearest_centre: expected x [M, D] and centres [k, D], got "
-        f"{tuple(x.shape)} and {tuple(centres.shape)}",
-    )
-    with torch.no_grad():
-        scores = centres.pow(2).sum(-1)[None, :] - 2.0 * (x @ centres.T)  # [M, k]
-        return scores.argmin(dim=1)  # argmin returns the first minimum
-
-
 def assign_users(user_emb: torch.Tensor, centres: torch.Tensor, *, normalize_centres: bool = True) -> torch.Tensor:
     """Each user's intent: the centre nearest to its L2-normalised embedding (no gradient).
 
@@ -185,39 +125,81 @@ def assign_users(user_emb: torch.Tensor, centres: torch.Tensor, *, normalize_cen
     return nearest_centre(F.normalize(user_emb, dim=-1), c)
 
 
+CentreGradient = Literal["reference", "tangent"]
+# The pull of an alternative cluster loss: (ĥ [B, D], ĉ [k, D], shard) -> the sum over this
+# rank's users of each user's squared distance to its own centre(s) (a scalar).
+Pull = Callable[[torch.Tensor, torch.Tensor, BatchShard], torch.Tensor]
+
+
+def _pull_plus_uniformity(
+    name: str,
+    user_emb: torch.Tensor,
+    centres: torch.Tensor,
+    *,
+    pull: Pull,
+    centre_gradient: CentreGradient,
+    shard: BatchShard,
+) -> torch.Tensor:
+    """``(1/B) Σ_i pull_i + log mean_{i≠j} exp(−2 ||ĉ_i − ĉ_j||²)`` on L2-normalised rows: the
+    body both alternative cluster losses share; they differ only in whom a user is pulled to.
+
+    The second term is the uniformity loss of Wang & Isola (2020) over distinct centre pairs:
+    it spreads individual centres apart, where the published spread term sees only their mean.
+    user_emb [B, D], centres [k, D] (k >= 2). Under a ``shard`` the pull is summed over local
+    users and divided by B_global and the centre term (identical on every rank) is divided by
+    the world size. ``centre_gradient`` as in ``cluster_loss``.
+    """
+    _check(
+        user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
+        f"{name}: expected user_emb [B, D] and centres [k, D], got "
+        f"{tuple(user_emb.shape)} and {tuple(centres.shape)}",
+    )
+    _check(centres.shape[0] >= 2, f"{name}: needs at least 2 centres")
+    h = F.normalize(user_emb, dim=-1)  # [B, D]
+    c = normalize_centres(centres, centre_gradient)  # [k, D]
+    return pull(h, c, shard) / shard.rows(h.shape[0]) + uniformity(c) / shard.world
+
+
+def _pull_to_nearest(h: torch.Tensor, c: torch.Tensor, shard: BatchShard) -> torch.Tensor:
+    """Σ_i ||ĥ_i − ĉ_{a(i)}||², a(i) the nearest centre (gradient to the chosen rows)."""
+    assigned = c[nearest_centre(h.detach(), c.detach())]  # [B, D]
+    return (h - assigned).pow(2).sum(-1).sum()
+
+
+def _pull_balanced(h: torch.Tensor, c: torch.Tensor, shard: BatchShard) -> torch.Tensor:
+    """Σ_i Σ_j Q_ij ||ĥ_i − ĉ_j||², Q the balanced assignment of the *global* batch."""
+    everyone = shard.gather(h.detach())  # [B_global, D]
+    q = balanced_assignment(everyone @ c.detach().T)  # [B_global, k]
+    mine = q[shard.offset : shard.offset + h.shape[0]].to(h.dtype)  # [B, k]
+    # sum_j Q_ij ||h_i − c_j||² = ||h_i||² Σ_j Q_ij + Σ_j Q_ij ||c_j||² − 2 h_i·(Q c)_i
+    per_user = (
+        h.pow(2).sum(-1) * mine.sum(-1) + mine @ c.pow(2).sum(-1) - 2.0 * (h * (mine @ c)).sum(-1)
+    )
+    return per_user.sum()
+
+
 def assigned_uniform_cluster_loss(
     user_emb: torch.Tensor,
     centres: torch.Tensor,
     *,
-    centre_gradient: Literal["reference", "tangent"] = "reference",
+    centre_gradient: CentreGradient = "reference",
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """An alternative cluster loss (ours, ``loss.cluster_form: assigned_uniform``).
 
-    ``mean_i ||ĥ_i − ĉ_{a(i)}||² + log mean_{i≠j} exp(−2 ||ĉ_i − ĉ_j||²)`` on L2-normalised rows,
-    a(i) the nearest centre of user i. The first term is the k-means objective: each user is
-    pulled to its own centre and that centre to its users (the published loss pulls every user
-    to the mean of all centres). The second is the uniformity loss of Wang & Isola (2020) over
-    distinct centre pairs: it spreads individual centres apart, where the published spread term
-    sees only their mean. user_emb [B, D], centres [k, D] (k >= 2). Under a ``shard`` the pull
-    is summed over local users and divided by B_global and the centre term (identical on every
-    rank) is divided by the world size. ``centre_gradient`` as in ``cluster_loss``.
+    ``mean_i ||ĥ_i − ĉ_{a(i)}||² + uniformity``, a(i) the nearest centre of user i: the k-means
+    objective, each user pulled to its own centre and that centre to its users (the published
+    loss pulls every user to the mean of all centres). See ``_pull_plus_uniformity``.
     """
-    _check(
-        user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
-        f"assigned_uniform_cluster_loss: expected user_emb [B, D] and centres [k, D], got "
-        f"{tuple(user_emb.shape)} and {tuple(centres.shape)}",
+    return _pull_plus_uniformity(
+        "assigned_uniform_cluster_loss", user_emb, centres,
+        pull=_pull_to_nearest, centre_gradient=centre_gradient, shard=shard,
     )
-    k = centres.shape[0]
-    _check(k >= 2, "assigned_uniform_cluster_loss: needs at least 2 centres")
-    h = F.normalize(user_emb, dim=-1)  # [B, D]
-    c = normalize_centres(centres, centre_gradient)  # [k, D]
-    assigned = c[nearest_centre(h.detach(), c.detach())]  # [B, D], gradient to the chosen rows
-    pull = (h - assigned).pow(2).sum(-1).sum() / shard.rows(h.shape[0])
-    return pull + uniformity(c) / shard.world
 
 
-def balanced_assignment(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def balanced_assignment(
+    scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
+) -> torch.Tensor:
     """Soft assignment of B users to k centres with equal shares (Sinkhorn-Knopp, as in SwAV).
 
     scores [B, k] (cosine similarities) -> Q [B, k], float64, no gradient: rows sum to 1 (each
@@ -238,33 +220,55 @@ def balanced_uniform_cluster_loss(
     user_emb: torch.Tensor,
     centres: torch.Tensor,
     *,
-    centre_gradient: Literal["reference", "tangent"] = "reference",
+    centre_gradient: CentreGradient = "reference",
     shard: BatchShard = LOCAL,
 ) -> torch.Tensor:
     """An alternative cluster loss (ours, ``loss.cluster_form: balanced_uniform``).
 
-    ``(1/B) sum_i sum_j Q_ij ||ĥ_i − ĉ_j||² + log mean_{i≠j} exp(−2 ||ĉ_i − ĉ_j||²)``, with Q the
-    balanced soft assignment of the *global* batch (``balanced_assignment`` of ĥ·ĉ, no
-    gradient). Like ``assigned_uniform`` each user is pulled to its own centres, but the
-    equal-share constraint keeps one centre from capturing every user (the hard nearest
-    assignment lets it). user_emb [B, D], centres [k, D] (k >= 2); sharding as in
-    ``assigned_uniform_cluster_loss`` (the assignment is computed on the gathered batch).
+    ``(1/B) sum_i sum_j Q_ij ||ĥ_i − ĉ_j||² + uniformity``, with Q the balanced soft assignment
+    of the *global* batch (``balanced_assignment`` of ĥ·ĉ, no gradient). Like
+    ``assigned_uniform`` each user is pulled to its own centres, but the equal-share constraint
+    keeps one centre from capturing every user (the hard nearest assignment lets it).
     """
-    _check(
-        user_emb.dim() == 2 and centres.dim() == 2 and user_emb.shape[1] == centres.shape[1],
-        f"balanced_uniform_cluster_loss: expected user_emb [B, D] and centres [k, D], got "
-        f"{tuple(user_emb.shape)} and {tuple(centres.shape)}",
+    return _pull_plus_uniformity(
+        "balanced_uniform_cluster_loss", user_emb, centres,
+        pull=_pull_balanced, centre_gradient=centre_gradient, shard=shard,
     )
-    _check(centres.shape[0] >= 2, "balanced_uniform_cluster_loss: needs at least 2 centres")
-    h = F.normalize(user_emb, dim=-1)  # [B, D]
-    c = normalize_centres(centres, centre_gradient)  # [k, D]
-    everyone = shard.gather(h.detach())  # [B_global, D]
-    q = balanced_assignment(everyone @ c.detach().T)  # [B_global, k]
-    mine = q[shard.offset : shard.offset + h.shape[0]].to(h.dtype)  # [B, k]
-    # sum_j Q_ij ||h_i − c_j||² = ||h_i||² Σ_j Q_ij + Σ_j Q_ij ||c_j||² − 2 h_i·(Q c)_i
-    per_user = h.pow(2).sum(-1) * mine.sum(-1) + mine @ c.pow(2).sum(-1) - 2.0 * (h * (mine @ c)).sum(-1)
-    pull = per_user.sum() / shard.rows(h.shape[0])
-    return pull + uniformity(c) / shard.world
+
+
+def _published(
+    user_emb: torch.Tensor, centres: torch.Tensor, config: LossConfig, shard: BatchShard
+) -> torch.Tensor:
+    return cluster_loss(
+        user_emb, centres, pairs=config.cluster_pairs,
+        centre_gradient=config.centre_gradient, shard=shard,
+    )
+
+
+def _assigned_uniform(
+    user_emb: torch.Tensor, centres: torch.Tensor, config: LossConfig, shard: BatchShard
+) -> torch.Tensor:
+    return assigned_uniform_cluster_loss(
+        user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
+    )
+
+
+def _balanced_uniform(
+    user_emb: torch.Tensor, centres: torch.Tensor, config: LossConfig, shard: BatchShard
+) -> torch.Tensor:
+    return balanced_uniform_cluster_loss(
+        user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
+    )
+
+
+# ``loss.cluster_form`` -> the cluster term: (user_emb [B, D], centres [k, D], loss config,
+# shard) -> this rank's contribution. Config validation accepts exactly these names.
+ClusterTerm = Callable[[torch.Tensor, torch.Tensor, LossConfig, BatchShard], torch.Tensor]
+CLUSTER_FORMS: dict[str, ClusterTerm] = {
+    "published": _published,
+    "assigned_uniform": _assigned_uniform,
+    "balanced_uniform": _balanced_uniform,
+}
 
 
 def uniformity(c: torch.Tensor) -> torch.Tensor:
@@ -406,11 +410,14 @@ def elcrec_terms(
     shard: BatchShard = LOCAL,
     *,
     record: dict[str, torch.Tensor] | None = None,
+    normalised_centres: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every loss term with a non-zero weight, by name (``next_item`` always): this rank's
     contributions under ``shard`` (see ``BatchShard``), the terms themselves in a world of one.
     If ``record`` is given, ``record["assignment"]`` receives each user's nearest centre [B]
-    (for centre statistics; no gradient).
+    (for centre statistics; no gradient). ``normalised_centres``: users are assigned to the
+    L2-normalised centres (learned intents); False assigns to the centres as they are (the
+    k-means centroids of ``model.intents: epoch_kmeans``, by the rule k-means itself used).
 
     One encoder pass over the B inputs and the 2B augmented views together (3B rows) serves
     every term: the input rows the next-item and cluster terms (and the intent assignment), the
@@ -441,25 +448,12 @@ def elcrec_terms(
         )
     }
     user_emb = model.pooled(hidden)  # [B, D]
-    learned = model.config.intents == "learned"  # epoch_kmeans: fixed k-means centroids
     if record is not None:
-        record["assignment"] = assign_users(user_emb.detach(), centres.detach(), normalize_centres=learned)
+        record["assignment"] = assign_users(
+            user_emb.detach(), centres.detach(), normalize_centres=normalised_centres
+        )
     if config.cluster_weight > 0:
-        if config.cluster_form == "published":
-            terms["cluster"] = cluster_loss(
-                user_emb, centres, pairs=config.cluster_pairs,
-                centre_gradient=config.centre_gradient, shard=shard,
-            )
-        elif config.cluster_form == "assigned_uniform":
-            terms["cluster"] = assigned_uniform_cluster_loss(
-                user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
-            )
-        elif config.cluster_form == "balanced_uniform":
-            terms["cluster"] = balanced_uniform_cluster_loss(
-                user_emb, centres, centre_gradient=config.centre_gradient, shard=shard
-            )
-        else:
-            raise ValueError(f"elcrec_terms: unknown loss.cluster_form {config.cluster_form!r}")
+        terms["cluster"] = CLUSTER_FORMS[config.cluster_form](user_emb, centres, config, shard)
     if with_views:
         if config.seq_cl_weight > 0:
             terms["seq_cl"] = seq_cl_loss(
@@ -469,7 +463,7 @@ def elcrec_terms(
         if config.intent_cl_weight > 0:
             terms["intent_cl"] = intent_cl_loss(
                 view_hidden, user_emb, centres, temperature=config.temperature, shard=shard,
-                normalize_centres=learned,
+                normalize_centres=normalised_centres,
             )
     return terms
 

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from elcrec_dist.errors import PermanentError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "elcrec-prepared"
@@ -31,7 +33,7 @@ ARROW_SCHEMA = pa.schema([("user_id", pa.int64()), ("items", pa.list_(pa.int32()
 ROW_GROUP_SIZE = 4096
 
 
-class DatasetError(ValueError):
+class DatasetError(PermanentError, ValueError):
     """A prepared dataset is missing, incomplete or inconsistent. Permanent."""
 
 

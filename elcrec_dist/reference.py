@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from elcrec_dist.errors import PermanentError
 from elcrec_dist.model import ELCRec
 
 
-class ReferenceError(ValueError):
+class ReferenceError(PermanentError, ValueError):
     """A published checkpoint does not fit the configured model. Permanent."""
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 logger = logging.getLogger("elcrec_dist")
+T = TypeVar("T")
 
 
 def setup_console(*, main: bool) -> None:
@@ -86,3 +89,13 @@ class RunLogger:
             self._writer.close()
             self._jsonl.close()
             self.enabled = False
+
+
+def progress(iterable: Iterable[T], *, desc: str, main: bool, total: int | None) -> Iterable[T]:
+    """A progress bar over ``iterable`` on rank 0 when stderr is a terminal (``main``), else
+    the iterable itself: no bar fills a pod's log."""
+    if not main or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=desc == "epochs")

@@ -11,15 +11,10 @@ test metrics as one JSON object on the last stdout line.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ConfigError, load_config
-from elcrec_dist.runlog import RunLogger, logger, setup_console
+from elcrec_dist.runlog import setup_console
 from launcher.common import config_arguments, print_json_line, run_main
 
 
@@ -44,26 +39,14 @@ def main() -> int:
     if not config.data.path:
         raise ConfigError("no dataset: pass --data or set data.path")
 
-    from elcrec_dist.session import check_resumable, finish_run, prepare_run_dir
     from elcrec_dist.stream import StreamingDataset
-    from elcrec_dist.train import fit
+    from elcrec_dist.trainer import train
 
     data = StreamingDataset.open(config.data.path)  # manifest and footers: fails before any process group exists
-    info = data.info
     device = dist_utils.init(local_rank=args.local_rank)
     try:
         setup_console(main=dist_utils.is_main())
-        if args.resume:
-            check_resumable(config, info)  # before config.yaml and the logs are touched
-        run_dir = prepare_run_dir(config)
-        run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
-        logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users, info.num_items, dist_utils.world_size())
-        started = time.time()
-        try:
-            result, model = fit(config, data, device=device, run_log=run_log, resume=args.resume)
-            finish_run(config, result, model, data=data, run_log=run_log, seconds=time.time() - started, device=device)
-        finally:
-            run_log.close()
+        run_dir, result = train(config, data, device=device, resume=args.resume)
         if dist_utils.is_main():
             print(f"run folder: {run_dir}")
             print_json_line({**result.test, "run_dir": str(run_dir)})

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from test_losses import naive_nt_xent, randn, rotation_fixing, sq_dist, unit
+from test_losses import naive_nearest, naive_nt_xent, randn, rotation_fixing, sq_dist, unit
 
 from elcrec_dist.config import ConfigError, LossConfig, ModelConfig, config_from_dict
+from elcrec_dist.batching import TrainBatch
+from elcrec_dist.distributed import BatchShard
 from elcrec_dist.losses import (
-    BatchShard,
-    TrainBatch,
     assigned_uniform_cluster_loss,
     balanced_assignment,
     balanced_uniform_cluster_loss,
@@ -81,7 +81,7 @@ def naive_assignment(form: str, user_emb: torch.Tensor, centres: torch.Tensor) -
     if form == "balanced_uniform":
         scores = torch.tensor([[float(h @ c) for c in cs] for h in hs], dtype=torch.float64)
         return naive_sinkhorn(scores, 0.05, 3)
-    nearest = [min(range(len(cs)), key=lambda j, h=h: sq_dist(h, cs[j])) for h in hs]
+    nearest = naive_nearest(hs, cs)
     return [[1.0 if j == a else 0.0 for j in range(len(cs))] for a in nearest]
 
 
@@ -136,6 +136,8 @@ def test_rank_contributions_sum_to_the_global_loss_and_gradient(loss) -> None:
     split = simulated_shards(x2, c2, loss, world=3)
     split.backward()
     assert split.item() == pytest.approx(whole.item(), rel=1e-12)
+    assert x1.grad is not None and x2.grad is not None
+    assert c1.grad is not None and c2.grad is not None
     assert torch.allclose(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
     assert torch.allclose(c2.grad, c1.grad, rtol=1e-10, atol=1e-12)
 
@@ -199,6 +201,7 @@ def test_alternatives_take_the_configured_centre_gradient(form: str) -> None:
         model.zero_grad()
         config = LossConfig(cluster_form=form, centre_gradient=gradient, seq_cl_weight=0.0, intent_cl_weight=0.0)  # type: ignore[arg-type]
         elcrec_terms(model, batch, config)["cluster"].backward()
+        assert model.cluster_centers.grad is not None
         via_terms[gradient] = model.cluster_centers.grad.clone()
     c = model.cluster_centers.detach()
     radial_terms = (via_terms["reference"] * c).sum(-1, keepdim=True)

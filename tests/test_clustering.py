@@ -11,9 +11,9 @@ import torch
 
 from elcrec_dist.clustering import (
     adjusted_rand_index,
-    assign,
     kmeans,
     lloyd_step,
+    nearest_centre,
     normalized_mutual_info,
 )
 
@@ -89,7 +89,7 @@ def test_recovers_planted_blobs() -> None:
     expected = float(((x - result.centres[result.assignments]) ** 2).sum())
     assert result.inertia == pytest.approx(expected, rel=1e-12)
     # the returned assignments are the nearest centres of the returned centres
-    assert torch.equal(assign(x, result.centres), result.assignments)
+    assert torch.equal(nearest_centre(x, result.centres), result.assignments)
 
 
 def test_restarts_keep_lowest_inertia() -> None:
@@ -159,7 +159,8 @@ def test_chunked_assignment_matches_unchunked(monkeypatch: pytest.MonkeyPatch) -
     centres = torch.randn(9, 5, generator=g, dtype=torch.float64)
     whole = torch.cdist(x, centres).argmin(dim=1)
     monkeypatch.setattr(clustering, "CHUNK_ELEMENTS", 37)  # many ragged chunks
-    assert torch.equal(assign(x, centres), whole)
+    monkeypatch.setattr(clustering, "NEAREST_CHUNK_ELEMENTS", 37)
+    assert torch.equal(nearest_centre(x, centres), whole)
     small = kmeans(x, 9, iterations=5, restarts=1, generator=_gen(2))
     monkeypatch.setattr(clustering, "CHUNK_ELEMENTS", 1 << 22)
     large = kmeans(x, 9, iterations=5, restarts=1, generator=_gen(2))
@@ -180,7 +181,7 @@ def test_bad_inputs_are_errors() -> None:
     with pytest.raises(ValueError, match="restarts"):
         kmeans(torch.zeros(5, 2), 2, iterations=5, restarts=0, generator=_gen(0))
     with pytest.raises(ValueError, match="dimensions"):
-        assign(torch.zeros(5, 2), torch.zeros(3, 4))
+        nearest_centre(torch.zeros(5, 2), torch.zeros(3, 4))
 
 
 # ----------------------------------------------------------------------------------------------

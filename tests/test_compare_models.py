@@ -17,7 +17,7 @@ from bench import compare_models as cm
 from elcrec_dist.config import load_config
 from elcrec_dist.evaluation import metric_sums, naive_answer_rank
 from elcrec_dist.model import ELCRec
-from elcrec_dist.train import save_model_file
+from elcrec_dist.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_syn
         model = ELCRec(config.model, num_items=info.num_items).eval()
         assert cm.user_ranks(model, sequences, split="test", batch_size=16).tolist() == _ranks_by_loop(model, sequences, "test")
         paths.append(tmp_path / f"m{seed}.pt")
-        save_model_file(paths[-1], model, config, {"seed": seed})
+        save_model(paths[-1], state=model.state_dict(), config=config.to_dict(), meta={"seed": seed})
 
     out = subprocess.run(
         [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",

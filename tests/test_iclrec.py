@@ -18,7 +18,7 @@ from elcrec_dist.config import load_config
 from elcrec_dist.data import left_pad, train_pairs
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
-from elcrec_dist.train import epoch_kmeans_seed, refresh_intents
+from elcrec_dist.trainer.intents import epoch_kmeans_seed, refresh_intents
 
 REPO = Path(__file__).resolve().parents[1]
 ICLREC = ["model.intents=epoch_kmeans", "loss.cluster_weight=0", "loss.fusion=none", "model.num_clusters=4"]
@@ -63,7 +63,7 @@ def test_epochs_draw_different_kmeans_seeds() -> None:
 def test_steps_leave_the_epoch_centres_alone_and_train_the_rest(tmp_path: Path) -> None:
     """A DeepSpeed step with frozen centres equals torch Adam over every other parameter."""
     from elcrec_dist import distributed as dist_utils
-    from elcrec_dist.train import build_engine, train_step
+    from elcrec_dist.trainer.engine import build_engine, train_step
 
     dist_utils.init()
     cfg = _tiny_config(ICLREC)
@@ -81,7 +81,7 @@ def test_steps_leave_the_epoch_centres_alone_and_train_the_rest(tmp_path: Path) 
 
     trainable = [p for name, p in reference.named_parameters() if name != "cluster_centers"]
     opt = torch.optim.Adam(trainable, lr=cfg.train.lr, betas=cfg.train.betas, eps=1e-8)
-    loss = weighted_total(elcrec_terms(reference, batch, cfg.loss), cfg.loss)
+    loss = weighted_total(elcrec_terms(reference, batch, cfg.loss, normalised_centres=False), cfg.loss)
     loss.backward()
     opt.step()
 

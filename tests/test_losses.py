@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, TypedDict
 
 import pytest
 import torch
 
 from elcrec_dist.config import LossConfig, ModelConfig
+from elcrec_dist.batching import TrainBatch
+from elcrec_dist.clustering import nearest_centre
 from elcrec_dist.losses import (
-    TrainBatch,
     cluster_loss,
     elcrec_terms,
     fuse_intents,
     intent_cl_loss,
-    nearest_centre,
     next_item_loss,
     nt_xent,
     seq_cl_loss,
@@ -23,7 +24,20 @@ from elcrec_dist.losses import (
 )
 from elcrec_dist.model import ELCRec
 
-TOL = {"rtol": 1e-10, "atol": 1e-10}
+# The values the library's options take (Literal in its signatures), for parametrized tests.
+Pairs = Literal["all", "distinct"]
+Fusion = Literal["shift", "concat", "none"]
+CentreGradient = Literal["reference", "tangent"]
+# Rows to loop over: a 2-d tensor or a list of 1-d ones.
+Rows = torch.Tensor | Sequence[torch.Tensor]
+
+
+class Tolerance(TypedDict):
+    rtol: float
+    atol: float
+
+
+TOL: Tolerance = {"rtol": 1e-10, "atol": 1e-10}
 
 # --------------------------------------------------------------------------------------------
 # Naive references: Python loops over users, positions, centres; float64 throughout.
@@ -71,7 +85,7 @@ def naive_cluster(user_emb: torch.Tensor, centres: torch.Tensor, pairs: str) -> 
     return pull - spread
 
 
-def naive_nearest(x: Sequence[torch.Tensor], centres: Sequence[torch.Tensor]) -> list[int]:
+def naive_nearest(x: Rows, centres: Rows) -> list[int]:
     out = []
     for row in x:
         distances = [sq_dist(row, c) for c in centres]
@@ -109,8 +123,9 @@ def naive_nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> float
 
 def naive_mean_over_time(hidden: torch.Tensor) -> torch.Tensor:
     t_len = hidden.shape[1]
+    zero = hidden.new_zeros(hidden.shape[2:])  # the start of each sum, a tensor as the terms
     return torch.stack(
-        [sum(hidden[r, t] for t in range(t_len)) / t_len for r in range(hidden.shape[0])]
+        [sum((hidden[r, t] for t in range(t_len)), zero) / t_len for r in range(hidden.shape[0])]
     )
 
 
@@ -181,7 +196,7 @@ def test_next_item_is_finite_for_large_logits() -> None:
 
 
 @pytest.mark.parametrize("pairs", ["all", "distinct"])
-def test_cluster_loss_matches_loop(pairs: str) -> None:
+def test_cluster_loss_matches_loop(pairs: Pairs) -> None:
     user_emb, centres = randn(7, 5, seed=3) * 3.0, randn(4, 5, seed=4)
     got = cluster_loss(user_emb, centres, pairs=pairs)
     assert got.item() == pytest.approx(
@@ -195,8 +210,10 @@ def naive_cluster_on_raw_rows(user_emb: torch.Tensor, centres: torch.Tensor) -> 
     returned as a tensor so autograd gives the reference gradient."""
     h = torch.nn.functional.normalize(user_emb, dim=-1)
     k = centres.shape[0]
-    pull = sum(((h[i] - centres[j]) ** 2).sum() for i in range(len(h)) for j in range(k)) / (len(h) * k)
-    spread = sum(((centres[i] - centres[j]) ** 2).sum() for i in range(k) for j in range(k)) / (k * k)
+    zero = user_emb.new_zeros(())  # the start of each sum: a tensor, as its terms are
+    pull = sum((((h[i] - centres[j]) ** 2).sum() for i in range(len(h)) for j in range(k)), zero)
+    spread = sum((((centres[i] - centres[j]) ** 2).sum() for i in range(k) for j in range(k)), zero)
+    pull, spread = pull / (len(h) * k), spread / (k * k)
     return pull - spread
 
 
@@ -214,7 +231,8 @@ def test_centre_gradient_reference_and_tangent() -> None:
     assert radial.abs().min() > 1e-3  # the reference gradient has a radial part to lose
 
     grads, values = {}, {}
-    for form in ("reference", "tangent"):
+    forms: tuple[CentreGradient, ...] = ("reference", "tangent")
+    for form in forms:
         c = unit_rows.clone().requires_grad_(True)
         value = cluster_loss(user_emb, c, pairs="all", centre_gradient=form)
         value.backward()
@@ -227,7 +245,7 @@ def test_centre_gradient_reference_and_tangent() -> None:
 
     # Off the sphere the value is still the normalised loss for both forms.
     scaled = unit_rows * torch.tensor([[0.5], [2.0], [1.0], [3.0]], dtype=torch.float64)
-    for form in ("reference", "tangent"):
+    for form in forms:
         assert cluster_loss(user_emb, scaled, pairs="all", centre_gradient=form).item() == pytest.approx(
             values["tangent"], abs=1e-12
         )
@@ -261,7 +279,7 @@ def rotation_fixing(axis: torch.Tensor, angle: float, seed: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize("pairs", ["all", "distinct"])
-def test_cluster_loss_sees_centres_only_through_their_mean(pairs: str) -> None:
+def test_cluster_loss_sees_centres_only_through_their_mean(pairs: Pairs) -> None:
     """Spec derivation: on the unit sphere, permuting the centres or rotating them about their
     mean leaves the loss unchanged; this term alone cannot separate individual centres."""
     user_emb = torch.nn.functional.normalize(randn(8, 6, seed=7), dim=-1)
@@ -305,7 +323,7 @@ def test_nearest_centre_ties_go_to_lowest_index() -> None:
 
 
 @pytest.mark.parametrize(("fusion", "width"), [("shift", 3 * 4), ("concat", 3 * 8)])
-def test_fuse_intents_shapes_and_values(fusion: str, width: int) -> None:
+def test_fuse_intents_shapes_and_values(fusion: Fusion, width: int) -> None:
     view_hidden, centres = randn(6, 3, 4, seed=14), randn(5, 4, seed=15)
     fused = fuse_intents(view_hidden, centres, fusion)
     assert fused.shape == (6, width)
@@ -350,7 +368,7 @@ def test_nt_xent_by_hand_2x2() -> None:
 
 
 @pytest.mark.parametrize("fusion", ["shift", "concat"])
-def test_seq_cl_is_nt_xent_of_fused_views(fusion: str) -> None:
+def test_seq_cl_is_nt_xent_of_fused_views(fusion: Fusion) -> None:
     view_hidden, centres = randn(8, 3, 4, seed=18), randn(3, 4, seed=19)
     got = seq_cl_loss(view_hidden, centres, fusion=fusion, temperature=1.0)
     assert got.item() == pytest.approx(naive_seq_cl(view_hidden, centres, fusion, 1.0), rel=1e-12)
@@ -364,6 +382,7 @@ def test_intent_cl_matches_loop_and_trains_only_assigned_centres() -> None:
         naive_intent_cl(view_hidden, user_emb, centres.detach(), 1.0), rel=1e-12
     )
     got.backward()
+    assert centres.grad is not None
     assigned = set(naive_nearest([unit(u) for u in user_emb], [unit(c) for c in centres.detach()]))
     assert 1 <= len(assigned) < 6  # the check below is not vacuous
     with_grad = {i for i in range(6) if centres.grad[i].abs().sum() > 0}
@@ -402,7 +421,7 @@ def count_forwards(model: ELCRec) -> list[int]:
 
 
 @pytest.mark.parametrize(("fusion", "pairs"), [("shift", "all"), ("concat", "distinct")])
-def test_elcrec_terms_equal_the_naive_composition(fusion: str, pairs: str) -> None:
+def test_elcrec_terms_equal_the_naive_composition(fusion: Fusion, pairs: Pairs) -> None:
     model, batch = tiny_model(), tiny_batch()
     config = LossConfig(fusion=fusion, cluster_pairs=pairs, cluster_weight=10.0)
     calls = count_forwards(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,12 @@ import torch.nn.functional as F
 from conftest import write_prepared
 
 from elcrec_dist.batching import make_train_batch, sample_negatives
-from elcrec_dist.config import ConfigError, load_config
+from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.stream import StreamingDataset
-from elcrec_dist.train import centre_stats, deepspeed_config, init_centres, step_seed
+from elcrec_dist.trainer.engine import deepspeed_config, step_seed
+from elcrec_dist.trainer.intents import centre_stats, init_centres
 
 
 def test_train_batch_inputs_and_targets_by_hand() -> None:
@@ -60,7 +62,7 @@ def test_deepspeed_config_carries_the_batch_triplet_and_refuses_uneven_splits() 
         deepspeed_config(cfg, 3)
 
 
-def _tiny_config(extra: list[str] = ()) -> object:
+def _tiny_config(extra: Sequence[str] = ()) -> ExperimentConfig:
     return load_config(None, [
         "model.hidden_size=8", "model.num_heads=2", "model.max_len=6", "model.num_clusters=3",
         "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.batch_size=4",
@@ -88,7 +90,7 @@ def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path:
     centres = model.cluster_centers.detach()
     assert torch.allclose(centres.norm(dim=1), torch.ones(3), atol=1e-6)
     # Independently: every centre is the normalised mean of the normalised embeddings nearest to it
-    from elcrec_dist.train import pooled_embeddings
+    from elcrec_dist.embed import pooled_embeddings
 
     emb = F.normalize(pooled_embeddings(model, seqs, batch_size=3), dim=-1)
     nearest = ((emb[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
@@ -101,7 +103,7 @@ def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path:
 def test_engine_step_equals_plain_adam_then_projection() -> None:
     """One DeepSpeed step (world of one) == torch Adam on the same loss, then centres normalised."""
     from elcrec_dist import distributed as dist_utils
-    from elcrec_dist.train import build_engine, train_step
+    from elcrec_dist.trainer.engine import build_engine, train_step
 
     dist_utils.init()
     cfg = _tiny_config()
@@ -133,7 +135,7 @@ def test_zero_bucket_sizes_reach_the_engine_and_leave_the_step_unchanged() -> No
     """deepspeed.reduce/allgather_bucket_size and overlap_comm are passed to ZeRO; buckets of a few
     elements (every parameter split over many collectives) give the step of the default buckets."""
     from elcrec_dist import distributed as dist_utils
-    from elcrec_dist.train import build_engine, train_step
+    from elcrec_dist.trainer.engine import build_engine, train_step
 
     dist_utils.init()
     seqs = _tiny_data(4)
@@ -199,8 +201,8 @@ def test_deterministic_kernels_make_a_training_step_repeatable_at_two_threads() 
     intra-op threads. Without deterministic kernels the item-embedding and centre gradients
     (backward of gathered rows) differ in the last bits from one repeat to the next at this size."""
     from elcrec_dist.config import LossConfig, ModelConfig
-    from elcrec_dist.losses import TrainBatch
-    from elcrec_dist.train import use_deterministic_kernels
+    from elcrec_dist.batching import TrainBatch
+    from elcrec_dist.trainer.engine import use_deterministic_kernels
 
     def gradients() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

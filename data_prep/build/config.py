@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.benchmark import MIN_ITEMS
-from elcrec_dist.config import ConfigError, _build, _set_path, parse_override, read_yaml_mapping
+from elcrec_dist.config import (
+    ConfigError,
+    parse_override,
+    read_yaml_mapping,
+    require,
+    set_dotted,
+    typed_from_mapping,
+)
 
 TimeFormat = Literal["epoch_s", "epoch_ms", "epoch_us", "epoch_ns", "iso8601"]
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "ndjson"]
@@ -68,44 +75,44 @@ class BuildConfig:
     run_rows: int = 4_194_304  # rows a map worker buffers before writing a partitioned run
 
     def validate(self) -> None:
-        _require(bool(self.input), "input: required (--input GLOB_OR_URL)")
-        _require(bool(self.output), "output: required (--output DIR_OR_URL)")
+        require(bool(self.input), "input: required (--input GLOB_OR_URL)")
+        require(bool(self.output), "output: required (--output DIR_OR_URL)")
         for name in ("user_col", "item_col", "time_col"):
-            _require(bool(getattr(self, name)), f"{name}: must name a column")
+            require(bool(getattr(self, name)), f"{name}: must name a column")
         columns = [self.user_col, self.item_col, self.time_col]
         if self.event_col is not None:
             columns.append(self.event_col)
-        _require(
+        require(
             len(set(columns)) == len(columns),
             f"the id, time and event columns must differ: {columns}",
         )
-        _require(
+        require(
             (self.event_col is None) == (len(self.events) == 0),
             "event_col and events go together: name the event column and the values to keep",
         )
-        _require(
+        require(
             self.min_user_interactions >= MIN_ITEMS,
             f"min_user_interactions must be >= {MIN_ITEMS} (train, valid and test targets), "
             f"got {self.min_user_interactions}",
         )
-        _require(self.min_item_interactions >= 1, "min_item_interactions must be >= 1")
-        _require(
+        require(self.min_item_interactions >= 1, "min_item_interactions must be >= 1")
+        require(
             self.max_len is None or self.max_len >= MIN_ITEMS,
             f"max_len must be >= {MIN_ITEMS} or null, got {self.max_len}",
         )
-        _require(
+        require(
             math.isfinite(self.max_reject_share) and 0.0 <= self.max_reject_share <= 1.0,
             f"max_reject_share must be in [0, 1], got {self.max_reject_share}",
         )
-        _require(self.shards >= 1, f"shards must be >= 1, got {self.shards}")
+        require(self.shards >= 1, f"shards must be >= 1, got {self.shards}")
         if self.buckets is not None:
-            _require(
+            require(
                 1 <= self.buckets <= 65535 and self.buckets % self.shards == 0,
                 f"buckets must be in 1..65535 and a multiple of shards ({self.shards}), got {self.buckets}",
             )
-        _require(self.bucket_rows >= 1, "bucket_rows must be >= 1")
-        _require(self.batch_rows >= 1, "batch_rows must be >= 1")
-        _require(self.run_rows >= 1, "run_rows must be >= 1")
+        require(self.bucket_rows >= 1, "bucket_rows must be >= 1")
+        require(self.batch_rows >= 1, "batch_rows must be >= 1")
+        require(self.run_rows >= 1, "run_rows must be >= 1")
         if self.max_time is not None:
             max_time_ns(self.max_time)  # raises ConfigError when unreadable
 
@@ -120,11 +127,6 @@ class BuildConfig:
         return EPOCH_UNITS.get(self.time_format, 1)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def max_time_ns(text: str) -> int:
     """``max_time`` as epoch nanoseconds (UTC); a date or date-time, zone optional (then UTC)."""
     try:
@@ -134,8 +136,8 @@ def max_time_ns(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     seconds = moment.timestamp()
-    _require(seconds >= 0, f"max_time: {text!r} is before 1970")
-    _require(seconds < 2**63 / 1e9, f"max_time: {text!r} is after 2262")
+    require(seconds >= 0, f"max_time: {text!r} is before 1970")
+    require(seconds < 2**63 / 1e9, f"max_time: {text!r} is after 2262")
     return round(seconds * 1e6) * 1000
 
 
@@ -152,12 +154,12 @@ def load_build_config(
         key, value = parse_override(text)
         if "." in key:
             raise ConfigError(f"--set {key}: build options are not nested (e.g. --set max_len=50)")
-        _set_path(tree, key, value)
+        set_dotted(tree, key, value)
     if isinstance(tree.get("max_time"), date):
         # YAML reads an unquoted 2030-01-01 as a date; the option is its ISO text.
         tree["max_time"] = tree["max_time"].isoformat()
     try:
-        config = _build(BuildConfig, tree, "")
+        config = typed_from_mapping(BuildConfig, tree)
         config.validate()
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
