@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_losses import naive_nearest, naive_nt_xent, randn, rotation_fixing, sq_dist, unit
 
-from elcrec_dist.config import ConfigError, LossConfig, ModelConfig, config_from_dict
 from elcrec_dist.batching import TrainBatch
+from elcrec_dist.config import ConfigError, LossConfig, ModelConfig, config_from_dict
 from elcrec_dist.distributed import BatchShard
 from elcrec_dist.losses import (
     assigned_uniform_cluster_loss,

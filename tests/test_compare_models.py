@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from bench import compare_models as cm
+from elcrec_dist.checkpoint import save_model
 from elcrec_dist.config import load_config
 from elcrec_dist.evaluation import metric_sums, naive_answer_rank
 from elcrec_dist.model import ELCRec
-from elcrec_dist.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

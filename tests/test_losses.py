@@ -9,9 +9,9 @@ from typing import Literal, TypedDict
 import pytest
 import torch
 
-from elcrec_dist.config import LossConfig, ModelConfig
 from elcrec_dist.batching import TrainBatch
 from elcrec_dist.clustering import nearest_centre
+from elcrec_dist.config import LossConfig, ModelConfig
 from elcrec_dist.losses import (
     cluster_loss,
     elcrec_terms,

@@ -200,8 +200,8 @@ def test_deterministic_kernels_make_a_training_step_repeatable_at_two_threads() 
     """``train.deterministic``: the same step gives bitwise the same gradients every time with two
     intra-op threads. Without deterministic kernels the item-embedding and centre gradients
     (backward of gathered rows) differ in the last bits from one repeat to the next at this size."""
-    from elcrec_dist.config import LossConfig, ModelConfig
     from elcrec_dist.batching import TrainBatch
+    from elcrec_dist.config import LossConfig, ModelConfig
     from elcrec_dist.trainer.engine import use_deterministic_kernels
 
     def gradients() -> dict[str, torch.Tensor]:

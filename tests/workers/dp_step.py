@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.batching import make_train_batch
+from elcrec_dist.batching import TrainBatch, make_train_batch
 from elcrec_dist.config import load_config
-from elcrec_dist.batching import TrainBatch
 from elcrec_dist.model import ELCRec
 from elcrec_dist.trainer.engine import build_engine, train_step
 from launcher.common import run_main
