@@ -398,6 +398,21 @@ def test_bad_overrides_are_errors_before_anything_runs(
     assert message in capsys.readouterr().err
 
 
+def test_a_results_dir_that_is_a_file_is_an_error_before_anything_runs(
+    tmp_path: Path, fake_shared: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The old ``--results docs/RESULTS.md`` habit, spelled as the new option: refused, the file
+    untouched, nothing run."""
+    monkeypatch.setattr(rp, "execute_run", lambda *a: pytest.fail("nothing may run"))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    argv = [*_args(tmp_path, fake_shared, "--variants", "sasrec"), "--results-dir", str(results)]
+    assert rp.main(argv) == 2
+    assert f"--results-dir {results}: a file, not a folder" in capsys.readouterr().err
+    assert results.read_text() == "# Results\n" and not (tmp_path / "runs").exists()
+
+
 def test_a_missing_benchmark_file_is_an_error_naming_it(
     tmp_path: Path, fake_shared: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
