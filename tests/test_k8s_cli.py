@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from launcher.common import run_main
-from launcher.k8s.cli import job_state, main
+from launcher.k8s.cli import job_state, main, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE = "registry.example.com/ml/elcrec-dist:0.1.0"
+IMAGE = "registry.example.com/ml/elcrec-dist@sha256:" + "0" * 64
 
 FAKE_KUBECTL = r'''
 import json, os, sys
@@ -168,8 +168,9 @@ def test_submit_applies_the_rendered_manifests_and_prints_the_job_name(tmp_path,
     rendered = capsys.readouterr().out
     assert cluster.calls()[-1]["stdin"] == rendered  # exactly what `render` prints
     kinds = [d["kind"] for d in yaml.safe_load_all(rendered)]
-    assert kinds == ["ConfigMap", "Service", "Job", "Deployment", "Service"]
-    assert "job/elcrec-demo created" in err and "port-forward svc/elcrec-demo-tensorboard 6006:6006" in err
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "Service", "Job", "Deployment"]
+    assert "job/elcrec-demo created" in err
+    assert "port-forward deployment/elcrec-demo-tensorboard 6006:6006" in err
 
 
 def test_submit_with_context_namespace_dry_run_and_kubeflow(tmp_path, monkeypatch, capsys):
@@ -186,6 +187,22 @@ def test_submit_with_context_namespace_dry_run_and_kubeflow(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(cluster.calls()[2]["stdin"]))
     assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
     assert "PyTorchJob" in {d["kind"] for d in docs}
+
+
+def test_submit_a_trainjob_checks_for_an_existing_trainjob(tmp_path, monkeypatch, capsys):
+    cluster = FakeCluster(tmp_path, monkeypatch)
+    code, out, err = run_cli(capsys, "submit", *TRAIN, "--trainjob", "--queue", "team-a")
+    assert code == 0, err
+    assert cluster.argvs()[1] == ["get", "trainjobs.trainer.kubeflow.org", "elcrec-demo",
+                                  "--ignore-not-found", "-o", "name"]
+    docs = list(yaml.safe_load_all(cluster.calls()[2]["stdin"]))
+    kinds = [d["kind"] for d in docs]
+    # The Trainer's webhook checks that a TrainJob's runtime exists: the runtime is applied first.
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "TrainingRuntime", "TrainJob",
+                     "Deployment"]
+    assert "trainjob/elcrec-demo created" in out + err
+    code, _, err = run_cli(capsys, "submit", *TRAIN, "--trainjob", "--kubeflow")
+    assert code == 2 and "not allowed with argument" in err
 
 
 def test_submit_without_kubectl_says_how_to_get_it(tmp_path, monkeypatch, capsys):
@@ -254,6 +271,9 @@ def test_status_reports_job_conditions_and_pod_exit_codes(tmp_path, monkeypatch,
     assert lines[3] == "  pod elcrec-demo-1-b index 1: Failed node gpu-1 restarts 0 exit 2 (Error)"
     assert "other-0-x" not in out
     assert cluster.argvs()[-1] == ["get", "jobs,pods", "-l", "app.kubernetes.io/instance=elcrec-demo", "-o", "json"]
+    code, _, _ = run_cli(capsys, "status", "elcrec-demo", "--trainjob", "--kubeflow")
+    kinds = "jobs,pods,pytorchjobs.kubeflow.org,trainjobs.trainer.kubeflow.org"
+    assert cluster.argvs()[-1][:2] == ["get", kinds]
     code, out, _ = run_cli(capsys, "status", "elcrec-demo", "-o", "json")
     summary = json.loads(out)
     assert [p["index"] for p in summary["pods"]] == [0, 1] and summary["pods"][1]["exit_code"] == 2
@@ -352,3 +372,12 @@ def test_job_state_reads_conditions():
     assert job_state(job("j", "Suspended")) == "Suspended"
     assert job_state({"status": {"conditions": [{"type": "Succeeded", "status": "True"}]}}) == "Complete"  # PyTorchJob
     assert job_state({"status": {"conditions": [{"type": "Failed", "status": "False"}], "active": 2}}) == "Running"
+
+
+def test_status_summarizes_a_trainjob_and_a_pytorchjob():
+    items = [{"kind": kind, "metadata": {"name": "elcrec-demo"}, "spec": {},
+              "status": {"conditions": [{"type": state, "status": "True"}]}}
+             for kind, state in (("TrainJob", "Complete"), ("PyTorchJob", "Failed"))]
+    jobs = summarize(items)["jobs"]
+    states = [(j["kind"], j["state"]) for j in jobs]
+    assert states == [("TrainJob", "Complete"), ("PyTorchJob", "Failed")]

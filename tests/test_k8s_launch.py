@@ -63,9 +63,10 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def rendered_job(port: int) -> tuple[dict[str, Any], str]:
     """The Job and the ConfigMap's config for 2 pods x 1 CPU rank, as `render` prints them."""
-    args = ["render", "--config", str(REPO / "configs/demo.yaml"), "--nodes", "2", "--gpus-per-node", "0",
-            "--procs-per-node", "1", "--image", "unused", "--data", "pvc://shared/data",
-            "--run-dir", "pvc://shared/run", "--master-port", str(port)]
+    args = ["render", "--config", str(REPO / "configs/demo.yaml"), "--nodes", "2",
+            "--gpus-per-node", "0", "--procs-per-node", "1", "--image", f"unused@sha256:{'0' * 64}",
+            "--data", "pvc://shared/data", "--run-dir", "pvc://shared/run",
+            "--master-port", str(port)]
     for item in OVERRIDES:
         args += ["--set", item]
     proc = subprocess.run([sys.executable, "-m", "launcher.k8s", *args], cwd=REPO, capture_output=True,

@@ -1,11 +1,17 @@
-"""Rendered manifests, and `kubectl kustomize k8s/...`, checked against the Kubernetes schemas
-(kubernetes-validate, offline, strict: unknown fields are errors) and against the rules the API
-server and kubelet apply that a schema cannot express; the pod env the manifests give is fed
-back through the entrypoint's mapping."""
+"""Rendered manifests, and `kubectl kustomize k8s/...`, checked against the published schemas
+(offline, strict: unknown fields are errors): Kubernetes' own kinds with kubernetes-validate, the
+Kubeflow kinds (PyTorchJob, TrainJob, TrainingRuntime) with the operators' API schemas vendored in
+tests/k8s_schemas/ (their Kubernetes types resolved against kubernetes-validate's); and against
+the rules the API server and kubelet apply that a schema cannot express. The pod env each kind
+gets is fed back through the entrypoint's mapping; the NetworkPolicies are evaluated by a plain
+model of their semantics."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.resources
+import json
 import os
 import re
 import shutil
@@ -15,8 +21,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from referencing import Registry, Resource
 
 from elcrec_dist.config import load_config
 from launcher.cluster_env import detect
@@ -25,7 +33,12 @@ from launcher.k8s.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported (podReplacementPolicy, backoffLimitPerIndex beta) and newest schema
-IMAGE = "registry.example.com/ml/elcrec-dist:0.1.0"
+DIGEST = "sha256:" + "0" * 64  # the overlays' placeholder
+IMAGE = f"registry.example.com/ml/elcrec-dist@{DIGEST}"
+SCHEMAS = Path(__file__).resolve().parent / "k8s_schemas"
+CRD_SCHEMAS = {"kubeflow.org/v1": "kubeflow.org_v1_pytorchjob.yaml",
+               "trainer.kubeflow.org/v1alpha1": "trainer.kubeflow.org_v1alpha1.yaml"}
+KINDS = {"job": (), "pytorchjob": ("--kubeflow",), "trainjob": ("--trainjob",)}
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -44,32 +57,105 @@ def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]
     return [o for o in objects if o["kind"] == kind]
 
 
+@functools.cache
+def k8s_definitions(version: str) -> Resource[Any]:
+    """kubernetes-validate's strict definitions of every Kubernetes type, for ``version``."""
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    path = root / f"v{version}-local-strict" / "_definitions.json"
+    return Resource.from_contents(json.loads(path.read_text()))
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str, version: str) -> jsonschema.Draft202012Validator:
+    """The vendored operator schema for ``kind``, its ``k8s:`` references resolved against the
+    Kubernetes ``version``'s strict definitions."""
+    schema = yaml.safe_load((SCHEMAS / CRD_SCHEMAS[api_version]).read_text())
+    assert schema["apiVersion"] == api_version and kind in schema["kinds"], (api_version, kind)
+    k8s = k8s_definitions(version)
+    registry: Registry[Any] = Registry().with_resources([
+        ("k8s:", k8s), (k8s.id() or "", k8s), (schema["$id"], Resource.from_contents(schema)),
+    ])
+    root = {"$ref": schema["$id"] + schema["kinds"][kind]}
+    return jsonschema.Draft202012Validator(root, registry=registry)
+
+
+def validate_crd(obj: dict[str, Any], version: str) -> None:
+    """Raises ``jsonschema.ValidationError`` (the most relevant error) for an invalid object."""
+    validator = crd_validator(obj["apiVersion"], obj["kind"], version)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+    if error is not None:
+        raise error
+
+
 def validate_schemas(objects: Iterable[dict[str, Any]]) -> None:
-    """Every object against the strict Kubernetes schemas; a PyTorchJob (a CRD, no schema offline)
-    through its pod templates."""
+    """Every object against its strict published schema, for the oldest and newest Kubernetes."""
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
     for obj in objects:
-        targets = [obj]
-        if obj["kind"] == "PyTorchJob":
-            targets = [
-                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{role}"},
-                 "template": replica["template"]}
-                for role, replica in obj["spec"]["pytorchReplicaSpecs"].items()
-            ]
-        for target in targets:
-            for version in K8S_VERSIONS:
-                try:
-                    kv.validate(target, version, strict=True)
-                except kv.ValidationError as exc:
-                    raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc}") from exc
+        for version in K8S_VERSIONS:
+            try:
+                if obj["apiVersion"] in CRD_SCHEMAS:
+                    validate_crd(obj, version)
+                else:
+                    kv.validate(obj, version, strict=True)
+            except jsonschema.ValidationError as exc:
+                where = "/".join(str(p) for p in exc.absolute_path)
+                raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']} invalid for "
+                                     f"{version} at {where}: {exc.message}") from exc
+
+
+def job_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch/v1 JobSpecs an object holds: a Job's own, a TrainingRuntime's replicated Jobs'."""
+    if obj["kind"] == "Job":
+        return [obj["spec"]]
+    if obj["kind"] == "TrainingRuntime":
+        return [r["template"]["spec"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+    return []
 
 
 def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    if obj["kind"] in ("Job", "Deployment"):
+    if obj["kind"] == "Deployment":
         return [obj["spec"]["template"]]
     if obj["kind"] == "PyTorchJob":
         return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
-    return []
+    return [spec["template"] for spec in job_specs(obj)]
+
+
+def selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """A LabelSelector's meaning (matchLabels and matchExpressions, all must hold)."""
+    if not selector.get("matchLabels", {}).items() <= pod_labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        present, value = expr["key"] in pod_labels, pod_labels.get(expr["key"])
+        holds = {"In": present and value in expr.get("values", []),
+                 "NotIn": not present or value not in expr.get("values", []),
+                 "Exists": present, "DoesNotExist": not present}[expr["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+def admitted(objects: list[dict[str, Any]], *, target: dict[str, str], source: dict[str, str],
+             port: int, same_namespace: bool = True) -> bool:
+    """Whether the NetworkPolicies among ``objects`` let a pod labelled ``source`` connect to a
+    pod labelled ``target`` on ``port``, as the NetworkPolicy API defines it: a pod no Ingress
+    policy selects takes anything; a selected pod takes what some rule of those policies allows;
+    a peer with a podSelector and no namespaceSelector means pods of the policy's namespace."""
+    policies = [p["spec"] for p in by_kind(objects, "NetworkPolicy")
+                if selects(p["spec"]["podSelector"], target)
+                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            if "ports" in rule and port not in [p.get("port") for p in rule["ports"]]:
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"peer not modelled here: {peer}"
+                if same_namespace and selects(peer["podSelector"], source):
+                    return True
+    return False
 
 
 def check_api_rules(objects: list[dict[str, Any]]) -> None:
@@ -77,21 +163,25 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     for obj in objects:
         spec = obj.get("spec", {})
-        if obj["kind"] == "Job":
-            template_spec = spec["template"]["spec"]
+        for job in job_specs(obj):
+            template_spec = job["template"]["spec"]
             containers = {c["name"] for c in template_spec["containers"]}
-            if "podFailurePolicy" in spec:
+            if "podFailurePolicy" in job:
                 assert template_spec["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
-                assert spec.get("podReplacementPolicy", "Failed") == "Failed"
-                for rule in spec["podFailurePolicy"]["rules"]:
+                assert job.get("podReplacementPolicy", "Failed") == "Failed"
+                for rule in job["podFailurePolicy"]["rules"]:
                     codes = rule.get("onExitCodes")
                     if codes:
                         assert codes["containerName"] in containers
                         assert codes["operator"] != "In" or 0 not in codes["values"]
-            if "backoffLimitPerIndex" in spec:
-                assert spec.get("completionMode") == "Indexed"
-            if spec.get("completionMode") == "Indexed":
-                assert spec["completions"] >= 1 and spec["parallelism"] <= spec["completions"]
+            if "backoffLimitPerIndex" in job:
+                assert job.get("completionMode") == "Indexed"
+            if job.get("completionMode") == "Indexed":
+                assert job["completions"] >= 1 and job["parallelism"] <= job["completions"]
+        if obj["kind"] == "NetworkPolicy":
+            selected = [t for o in objects for t in pod_templates(o)
+                        if selects(spec["podSelector"], t["metadata"]["labels"])]
+            assert selected, f"NetworkPolicy {obj['metadata']['name']} selects no pod"
         if obj["kind"] == "Service" and spec.get("clusterIP") == "None":
             pods = [t for o in objects for t in pod_templates(o) if t["spec"].get("subdomain") == obj["metadata"]["name"]]
             assert pods, f"headless Service {obj['metadata']['name']} is nobody's subdomain"
@@ -115,7 +205,7 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
                 # $(VAR) in command/args expands only from the container's own env; anything
                 # else reaches the program literally.
                 defined = {e["name"] for e in container.get("env", [])}
-                if obj["kind"] == "Job" and spec.get("completionMode") == "Indexed":
+                if any(j.get("completionMode") == "Indexed" for j in job_specs(obj)):
                     defined.add("JOB_COMPLETION_INDEX")  # injected by the Job controller
                 for text in container.get("command", []) + container.get("args", []):
                     for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", text):
@@ -246,8 +336,6 @@ def test_tensorboard_reads_the_run_folder(capsys):
     assert expand(container["args"], env)[:2] == ["--logdir", "/mnt/pvc/runs/exp1/tb"]
     mount = next(vm for vm in container["volumeMounts"] if vm["name"] == "pvc-runs")
     assert mount == {"name": "pvc-runs", "mountPath": "/mnt/pvc/runs", "readOnly": True}
-    tb_service = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "elcrec-demo-tensorboard")
-    assert tb_service["spec"]["ports"][0]["port"] == 6006
     assert "nvidia.com/gpu" not in str(deployment)
 
 
@@ -279,6 +367,246 @@ def test_kubeflow_variant(capsys):
         assert (cluster.source, cluster.node_rank, cluster.world_size) == ("pytorchjob", node_rank, 32)
     single = render(capsys, *train_args(1, 8), "--kubeflow")
     assert set(by_kind(single, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+
+
+def test_trainjob_variant(capsys):
+    """Kubeflow Trainer v2: the TrainJob names the rendered runtime; the runtime's JobSet template
+    carries the pod; the env the Trainer's torch plugin sets (PET_NNODES = numNodes,
+    PET_NPROC_PER_NODE = numProcPerNode, PET_NODE_RANK = the completion index, PET_MASTER_ADDR =
+    {trainjob}-node-0-0.{trainjob}, PET_MASTER_PORT = 29400) maps every pod to its node rank."""
+    objects = render(capsys, *train_args(4, 8), "--trainjob", "--retries", "2")
+    validate_schemas(objects)
+    check_api_rules(objects)
+    assert not by_kind(objects, "Job") and not by_kind(objects, "Service")  # the JobSet's own
+    kinds = [o["kind"] for o in objects]
+    assert kinds.index("TrainingRuntime") < kinds.index("TrainJob")
+    (runtime,) = by_kind(objects, "TrainingRuntime")
+    (job,) = by_kind(objects, "TrainJob")
+    name = job["metadata"]["name"]
+    ref = job["spec"]["runtimeRef"]
+    assert (ref["name"], ref["kind"]) == (runtime["metadata"]["name"], "TrainingRuntime")
+    assert ref["apiGroup"] == runtime["apiVersion"].split("/")[0] == "trainer.kubeflow.org"
+    assert job["spec"]["trainer"] == {"numNodes": 4, "numProcPerNode": 8}
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 4, "torch": {}}
+
+    jobset = runtime["spec"]["template"]["spec"]
+    (replicated,) = jobset["replicatedJobs"]
+    # The Trainer fills in the replicated Job with this ancestor label and its container "node".
+    assert replicated["name"] == "node" and replicated["replicas"] == 1
+    assert replicated["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    spec = replicated["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    # Exit 2 fails the child Job by its podFailurePolicy, and that reason fails the JobSet at once;
+    # anything else fails the child Job (no per-pod retry) and the JobSet restarts the gang.
+    assert spec["backoffLimit"] == 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {
+        "containerName": "node", "operator": "In", "values": [2]}}
+    assert rules[1] == {"action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert jobset["failurePolicy"] == {"maxRestarts": 2, "rules": [{
+        "name": "permanentExit", "action": "FailJobSet",
+        "onJobFailureReasons": ["PodFailurePolicy"],
+    }]}
+    assert jobset["network"]["publishNotReadyAddresses"] is True
+
+    template = spec["template"]
+    (node,) = template["spec"]["containers"]
+    assert node["name"] == "node" and node["command"] == ["python", "-m", "launcher.entrypoint"]
+    assert node["ports"] == [{"name": "rendezvous", "containerPort": 29400}]
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == 8
+    for index in range(4):
+        env = pod_env(template, "node", job_name="-", extra={
+            "PET_NNODES": str(job["spec"]["trainer"]["numNodes"]),
+            "PET_NPROC_PER_NODE": str(job["spec"]["trainer"]["numProcPerNode"]),
+            "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+            "PET_MASTER_PORT": "29400"})
+        cluster = detect(env, device_count=lambda: 0)
+        assert (cluster.node_rank, cluster.num_nodes, cluster.procs_per_node) == (index, 4, 8)
+        assert (cluster.world_size, cluster.master_port) == (32, node["ports"][0]["containerPort"])
+        assert cluster.master_addr == f"{name}-node-0-0.{name}"
+        args = expand(node["args"], env)
+        assert args[args.index("--data") + 1] == "s3://bucket/datasets/demo"
+
+
+def _pytorch_pod(o: dict[str, Any]) -> dict[str, Any]:
+    return o["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+
+
+def _runtime_job(o: dict[str, Any]) -> dict[str, Any]:
+    return o["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+
+
+PYTORCHJOB, TRAINER_API = "kubeflow.org/v1", "trainer.kubeflow.org/v1alpha1"
+
+
+@pytest.mark.parametrize(
+    ("kind", "api_version", "mutate"),
+    [
+        pytest.param("PyTorchJob", PYTORCHJOB,
+                     lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"].update(replica=1),
+                     id="pytorchjob-unknown"),
+        pytest.param("PyTorchJob", PYTORCHJOB,
+                     lambda o: o["spec"]["runPolicy"].update(backoffLimit="3"),
+                     id="pytorchjob-type"),
+        pytest.param("PyTorchJob", PYTORCHJOB,
+                     lambda o: o["spec"].pop("pytorchReplicaSpecs"), id="pytorchjob-required"),
+        pytest.param("PyTorchJob", PYTORCHJOB,
+                     lambda o: _pytorch_pod(o)["containers"][0].update(imagePullPolicyy="Always"),
+                     id="pytorchjob-pod"),
+        pytest.param("TrainJob", TRAINER_API,
+                     lambda o: o["spec"]["trainer"].update(numNode=4), id="trainjob-unknown"),
+        pytest.param("TrainJob", TRAINER_API,
+                     lambda o: o["spec"]["trainer"].update(numNodes="4"), id="trainjob-type"),
+        pytest.param("TrainJob", TRAINER_API,
+                     lambda o: o["spec"].pop("runtimeRef"), id="trainjob-required"),
+        pytest.param("TrainJob", TRAINER_API,
+                     lambda o: o["metadata"].update(label={}), id="trainjob-metadata"),
+        pytest.param("TrainingRuntime", TRAINER_API,
+                     lambda o: o["spec"]["template"]["spec"].update(replicatedJob=[]),
+                     id="runtime-unknown"),
+        pytest.param("TrainingRuntime", TRAINER_API,
+                     lambda o: o["spec"]["template"]["spec"]["failurePolicy"]
+                     .update(maxRestarts="3"),
+                     id="runtime-type"),
+        pytest.param("TrainingRuntime", TRAINER_API,
+                     lambda o: _runtime_job(o).update(backoffLimits=0), id="runtime-jobspec"),
+        pytest.param("TrainingRuntime", TRAINER_API,
+                     lambda o: _runtime_job(o)["template"]["spec"]["containers"][0]["resources"]
+                     .update(limit={}), id="runtime-pod"),
+    ],
+)
+def test_crd_schemas_reject_a_broken_object(capsys, kind, api_version, mutate):
+    """The vendored operator schemas are live, down to the Kubernetes types they embed: the
+    rendered object passes, and a misspelt field, a wrong type or a missing required field fails."""
+    flag = "--kubeflow" if kind == "PyTorchJob" else "--trainjob"
+    (obj,) = by_kind(render(capsys, *train_args(2, 8), flag), kind)
+    assert obj["apiVersion"] == api_version
+    for version in K8S_VERSIONS:
+        validate_crd(obj, version)
+    broken = copy.deepcopy(obj)
+    mutate(broken)
+    for version in K8S_VERSIONS:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_crd(broken, version)
+    message = f"{kind}/elcrec-demo invalid for {K8S_VERSIONS[0]} at "
+    with pytest.raises(AssertionError, match=message):
+        validate_schemas([broken])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_network_policies_admit_only_the_jobs_own_pods(capsys, kind):
+    """Trainer pods take connections (rendezvous port or any other) only from the same job's
+    trainer pods, not from TensorBoard, another job's trainers or another namespace; TensorBoard
+    takes none, listens on loopback only and no Service points at it."""
+    objects = render(capsys, *train_args(2, 8), *KINDS[kind])
+    check_api_rules(objects)
+    trainer = next(t for o in objects for t in pod_templates(o)
+                   if o["kind"] != "Deployment")["metadata"]["labels"]
+    (deployment,) = by_kind(objects, "Deployment")
+    board = deployment["spec"]["template"]["metadata"]["labels"]
+    other_job = {**trainer, "app.kubernetes.io/instance": "elcrec-other"}
+    port = 29400 if kind == "trainjob" else 29500
+    for p in (port, 12345):  # the rendezvous port and an ephemeral one (NCCL, gloo)
+        assert admitted(objects, target=trainer, source=trainer, port=p)
+        assert not admitted(objects, target=trainer, source=board, port=p)
+        assert not admitted(objects, target=trainer, source=other_job, port=p)
+        assert not admitted(objects, target=trainer, source={}, port=p)
+        assert not admitted(objects, target=trainer, source=trainer, port=p, same_namespace=False)
+    sources: list[dict[str, str]] = [trainer, board, {}]
+    for source in sources:
+        assert not admitted(objects, target=board, source=source, port=6006)
+    assert admitted(objects, target=other_job, source={}, port=port)  # not ours to police
+
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    host = container["args"][container["args"].index("--host") + 1]
+    assert host == "127.0.0.1"  # kubectl port-forward connects to the pod's loopback
+    services = [s["spec"]["selector"] for s in by_kind(objects, "Service")]
+    assert not [s for s in services if selects({"matchLabels": s}, board)]
+
+
+def test_tensorboard_gets_only_its_own_read_only_credentials(capsys):
+    objects = render(capsys, *train_args(2, 8), "--s3-secret", "runs-rw",
+                     "--service-account", "trainer-irsa", "--tensorboard-s3-secret", "runs-ro",
+                     "--tensorboard-service-account", "board-irsa")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "runs-ro", "optional": True}}]
+    assert pod["serviceAccountName"] == "board-irsa"
+    assert "runs-rw" not in json.dumps(deployment) and "trainer-irsa" not in json.dumps(deployment)
+    (job,) = by_kind(objects, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "runs-rw", "optional": True}}]
+
+    objects = render(capsys, *train_args(2, 8), "--service-account", "trainer-irsa")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "elcrec-s3-readonly", "optional": True}}]
+    assert "serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False
+    objects = render(capsys, *train_args(2, 8), "--tensorboard-s3-secret", "")
+    (deployment,) = by_kind(objects, "Deployment")
+    assert "envFrom" not in deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_image_is_the_pinned_digest(capsys, kind):
+    objects = render(capsys, *train_args(2, 8), *KINDS[kind])
+    objects += render(capsys, *prep_args())
+    images = {c["image"] for o in objects for t in pod_templates(o)
+              for c in t["spec"]["containers"]}
+    assert images == {IMAGE}
+
+
+def test_a_mutable_tag_is_refused_unless_allowed(capsys):
+    from launcher.common import run_main
+
+    tagged = "registry.example.com/ml/elcrec-dist:0.1.0"
+    for args in (train_args(2, 8, "--image", tagged), prep_args("--image", tagged)):
+        with pytest.raises(SystemExit) as info:
+            run_main(functools.partial(cli_main, args))
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == ""
+        assert f"--image {tagged!r} is a tag" in err and "--allow-mutable-image" in err
+    assert cli_main(train_args(2, 8, "--image", tagged, "--allow-mutable-image")) == 0
+    out, err = capsys.readouterr()
+    assert {d["spec"]["template"]["spec"]["containers"][0]["image"]
+            for d in yaml.safe_load_all(out) if d["kind"] == "Job"} == {tagged}
+    assert f"warning: --image {tagged} is a tag, not a digest" in err
+    assert cli_main(train_args(2, 8, "--allow-mutable-image")) == 0
+    assert "warning" not in capsys.readouterr().err  # a digest needs no warning
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_queue_label_and_priority_class(capsys, kind):
+    """The queue labels the object Kueue admits (the workload), the priority class every trainer
+    pod; TensorBoard gets neither, and without the options nothing is set."""
+    workload_kind = {"job": "Job", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[kind]
+    objects = render(capsys, *train_args(2, 8), *KINDS[kind], "--queue", "team-a",
+                     "--priority-class", "ml-high")
+    validate_schemas(objects)
+    queued = [o["kind"] for o in objects if "kueue.x-k8s.io/queue-name" in o["metadata"]["labels"]]
+    assert queued == [workload_kind]
+    (workload,) = by_kind(objects, workload_kind)
+    assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    templates = [(o["kind"], t) for o in objects for t in pod_templates(o)]
+    assert len(templates) == {"job": 2, "pytorchjob": 3, "trainjob": 2}[kind]
+    for owner, template in templates:
+        expected = None if owner == "Deployment" else "ml-high"
+        assert template["spec"].get("priorityClassName") == expected, owner
+    plain = render(capsys, *train_args(2, 8), *KINDS[kind])
+    assert "kueue.x-k8s.io" not in json.dumps(plain)
+    assert "priorityClassName" not in json.dumps(plain)
+
+
+def test_prep_jobs_take_the_queue_and_priority_class(capsys):
+    objects = render(capsys, *prep_args("--queue", "prep", "--priority-class", "batch-low"))
+    validate_schemas(objects)
+    assert len(objects) == 6
+    for job in objects:
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "prep"
+        assert job["spec"]["template"]["spec"]["priorityClassName"] == "batch-low"
 
 
 def test_schema_validation_rejects_a_broken_manifest(capsys):
@@ -381,6 +709,13 @@ def test_prep_pvc_input_is_mounted_read_only(capsys):
         (train_args(2, 8, "--toleration", "gpu:Sometimes"), "effect must be NoSchedule"),
         (train_args(2, 8, "--node-selector", "pool"), "--node-selector: expected key=value"),
         (train_args(2, 8, "--set", "train.epochs=zero"), "train.epochs: expected an integer"),
+        (train_args(2, 8, "--image", "repo@sha256:abc"), "a digest is written @sha256:<64"),
+        (train_args(2, 8, "--queue", "team a"), "--queue 'team a' is not a valid label value"),
+        (train_args(2, 8, "--priority-class", "High_Prio"), "--priority-class 'High_Prio' is not"),
+        (train_args(2, 8, "--tensorboard-s3-secret", "elcrec-s3"), "is the trainer's Secret"),
+        (train_args(2, 8, "--service-account", "sa", "--tensorboard-service-account", "sa"),
+         "is the trainer's ServiceAccount"),
+        (train_args(2, 8, "--trainjob", "--master-port", "29500"), "fixes the rendezvous port"),
         (train_args(2, 8, config="configs/missing.yaml"), "config file not found"),
         (prep_args("--input", "logs/*.csv"), "is a local path"),
         (prep_args("--stages", "map,sort"), "--stages 'map,sort'"),
@@ -474,6 +809,8 @@ OVERLAYS = [
     pytest.param("k8s/overlays/4x8", (4, 8), ("--run-dir", "s3://change-me/runs/elcrec-demo-4x8",
                                               "--cpu", "48", "--memory", "400Gi"), id="4x8"),
     pytest.param("k8s/overlays/kubeflow-4x8", (4, 8), ("--kubeflow", "--cpu", "48", "--memory", "400Gi"), id="kubeflow-4x8"),
+    pytest.param("k8s/overlays/trainjob-4x8", (4, 8),
+                 ("--trainjob", "--cpu", "48", "--memory", "400Gi"), id="trainjob-4x8"),
 ]
 
 

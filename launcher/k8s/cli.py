@@ -1,14 +1,15 @@
 """``python -m launcher.k8s``: render, submit and follow training and data-prep jobs.
 
     python -m launcher.k8s render --config configs/beauty.yaml --nodes 4 --gpus-per-node 8 \\
-        --image REGISTRY/elcrec-dist:TAG --data s3://BUCKET/datasets/beauty \\
+        --image REGISTRY/elcrec-dist@sha256:DIGEST --data s3://BUCKET/datasets/beauty \\
         --run-dir s3://BUCKET/runs/beauty-4x8            # prints the manifests (YAML)
+        [--kubeflow | --trainjob] [--queue LOCALQUEUE] [--priority-class NAME]
     python -m launcher.k8s submit ...same flags... [--context CTX]   # applies; prints the job name
     python -m launcher.k8s status NAME [--wait]          # job and pods; --wait exits 0 done, 1 failed
     python -m launcher.k8s logs NAME [--index 0] [--follow]
     python -m launcher.k8s prep render|submit --name shop --input 's3://BUCKET/logs/*.parquet' \\
         --output s3://BUCKET/datasets/shop --map-workers 32 --reduce-workers 16 --write-workers 8 \\
-        --image IMG                                      # plan, map, reduce, kcore, write, commit
+        --image IMG@sha256:DIGEST                        # plan, map, reduce, kcore, write, commit
 
 Exit codes: 0 ok; 2 bad options or config, no kubectl, no kube context, a job that already exists;
 75 the API server could not be reached; 1 a job that failed or another kubectl error.
@@ -31,14 +32,23 @@ from launcher.k8s import manifests as m
 from launcher.k8s.kubectl import Kubectl, KubectlError, find_kubectl
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
+# The workload's API resource, as kubectl names it, per --kubeflow / --trainjob.
+RESOURCES = {"job": "job", "pytorchjob": "pytorchjobs.kubeflow.org",
+             "trainjob": "trainjobs.trainer.kubeflow.org"}
+JOB_KINDS = ("Job", "PyTorchJob", "TrainJob")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 ONE_POD_STAGES = ("plan", "kcore", "commit")
+DEFAULT_MASTER_PORT = 29500
 
 
 # --- rendering ------------------------------------------------------------------------------------
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the embedded run config) as readable ``|`` blocks."""
+    """Multi-line strings (the embedded run config) as readable ``|`` blocks; a value used twice
+    (one pod template in two replica specs) written out twice, not as a YAML anchor."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -65,7 +75,7 @@ def resolved_config_yaml(config_path: str, overrides: Sequence[str]) -> tuple[st
 
 
 def pod_options(args: argparse.Namespace) -> m.PodOptions:
-    return m.PodOptions(
+    options = m.PodOptions(
         image=args.image,
         namespace=args.namespace,
         image_pull_policy=args.image_pull_policy,
@@ -74,11 +84,27 @@ def pod_options(args: argparse.Namespace) -> m.PodOptions:
         node_selector=tuple(m.parse_key_value(t, what="--node-selector") for t in args.node_selector),
         tolerations=tuple(m.parse_toleration(t) for t in args.toleration),
         image_pull_secrets=tuple(args.image_pull_secret),
+        allow_mutable_image=args.allow_mutable_image,
+        queue=args.queue,
+        priority_class=args.priority_class,
     )
+    if warning := m.mutable_image_warning(options.image):
+        print(warning, file=sys.stderr)
+    return options
+
+
+def workload_kind(args: argparse.Namespace) -> str:
+    return "trainjob" if args.trainjob else "pytorchjob" if args.kubeflow else "job"
 
 
 def train_spec(args: argparse.Namespace) -> m.TrainSpec:
     config_name, config_yaml = resolved_config_yaml(args.config, args.overrides)
+    master_port = args.master_port if args.master_port is not None else DEFAULT_MASTER_PORT
+    if workload_kind(args) == "trainjob":
+        if args.master_port not in (None, m.TRAINJOB_PORT):
+            raise ConfigError(f"--master-port {args.master_port}: the Kubeflow Trainer fixes the "
+                              f"rendezvous port of a TrainJob at {m.TRAINJOB_PORT}")
+        master_port = m.TRAINJOB_PORT
     return m.TrainSpec(
         name=m.check_name(args.name) if args.name else m.default_name(config_name),
         config_yaml=config_yaml,
@@ -92,10 +118,12 @@ def train_spec(args: argparse.Namespace) -> m.TrainSpec:
         memory=args.memory,
         shm_size=args.shm_size,
         scratch_size=args.scratch_size,
-        master_port=args.master_port,
+        master_port=master_port,
         retries=args.retries,
         train_args=tuple(args.train_arg),
         tensorboard=args.tensorboard,
+        tensorboard_secret=args.tensorboard_s3_secret,
+        tensorboard_service_account=args.tensorboard_service_account,
     )
 
 
@@ -137,7 +165,8 @@ def prep_stages(text: str) -> list[str]:
 # --- job state ------------------------------------------------------------------------------------
 
 def job_state(job: dict[str, Any]) -> str:
-    """Complete, Failed, Suspended, Running or Pending, from a Job's (or PyTorchJob's) status."""
+    """Complete, Failed, Suspended, Running or Pending, from a Job's (PyTorchJob's, TrainJob's)
+    status."""
     status = job.get("status") or {}
     true_conditions = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
     for state in ("Failed", "Complete", "Succeeded", "Suspended"):
@@ -183,7 +212,7 @@ def summarize(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     pods = []
     for item in items:
         kind = item.get("kind")
-        if kind in ("Job", "PyTorchJob"):
+        if kind in JOB_KINDS:
             status = item.get("status") or {}
             jobs.append({
                 "kind": kind,
@@ -257,24 +286,23 @@ def _refuse_existing(kubectl: Kubectl, kind: str, name: str) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    sys.stdout.write(dump_yaml(m.training_objects(train_spec(args), kubeflow=args.kubeflow)))
+    sys.stdout.write(dump_yaml(m.training_objects(train_spec(args), kind=workload_kind(args))))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = train_spec(args)  # config and options are checked before any cluster call
-    objects = m.training_objects(spec, kubeflow=args.kubeflow)
+    objects = m.training_objects(spec, kind=workload_kind(args))
     kubectl = _kubectl(args)
-    kind = "pytorchjobs.kubeflow.org" if args.kubeflow else "job"
-    _refuse_existing(kubectl, kind, spec.name)
+    _refuse_existing(kubectl, RESOURCES[workload_kind(args)], spec.name)
     apply = ["apply", "-f", "-"] + ([f"--dry-run={args.dry_run}"] if args.dry_run else [])
     print(kubectl.run(apply, stdin=dump_yaml(objects)).rstrip(), file=sys.stderr)
     ns = f" --namespace {args.namespace}" if args.namespace else ""
     print(
         f"follow it with: python -m launcher.k8s status {spec.name}{ns} --wait\n"
         f"                python -m launcher.k8s logs {spec.name}{ns} --follow\n"
-        + (f"TensorBoard:    kubectl{ns} port-forward svc/{spec.tensorboard_name} 6006:6006"
-           if spec.tensorboard else ""),
+        + (f"TensorBoard:    kubectl{ns} port-forward deployment/{spec.tensorboard_name} "
+           f"{m.TENSORBOARD_PORT}:{m.TENSORBOARD_PORT}" if spec.tensorboard else ""),
         file=sys.stderr,
     )
     print(spec.name)
@@ -284,7 +312,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     kubectl = _kubectl(args)
     selector = f"{INSTANCE_LABEL}={args.name}"
-    kinds = "jobs,pods" + (",pytorchjobs.kubeflow.org" if args.kubeflow else "")
+    kinds = ("jobs,pods" + (",pytorchjobs.kubeflow.org" if args.kubeflow else "")
+             + (",trainjobs.trainer.kubeflow.org" if args.trainjob else ""))
     while True:
         summary = summarize(kubectl.json(["get", kinds, "-l", selector]).get("items", []))
         if args.output == "json":
@@ -373,6 +402,11 @@ def _pod_args(p: argparse.ArgumentParser) -> None:
                         "...) become env; optional, '' to omit (default elcrec-s3)")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
+    p.add_argument("--allow-mutable-image", action="store_true",
+                   help="accept an --image tag instead of a digest (prints a warning)")
+    p.add_argument("--queue", metavar="LOCALQUEUE",
+                   help="Kueue LocalQueue: labels the workload kueue.x-k8s.io/queue-name")
+    p.add_argument("--priority-class", metavar="NAME", help="priorityClassName of the pods")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -385,16 +419,27 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared dataset: s3://BUCKET/PATH or pvc://CLAIM/PATH")
     p.add_argument("--run-dir", required=True, help="run folder: s3://BUCKET/PATH or pvc://CLAIM/PATH")
     p.add_argument("--name", help="job name (default elcrec-<config name>)")
-    p.add_argument("--kubeflow", action="store_true", help="a Kubeflow PyTorchJob instead of an Indexed Job")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--kubeflow", action="store_true",
+                      help="a Kubeflow PyTorchJob (training operator) instead of an Indexed Job")
+    kind.add_argument("--trainjob", action="store_true",
+                      help="a Kubeflow Trainer v2 TrainJob and its TrainingRuntime instead")
     p.add_argument("--cpu", help="CPU request per pod, e.g. 32")
     p.add_argument("--memory", help="memory request and limit per pod, e.g. 200Gi")
     p.add_argument("--shm-size", default="16Gi", help="/dev/shm size (default 16Gi)")
     p.add_argument("--scratch-size", default="20Gi", help="/tmp size (default 20Gi)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=int,
+                   help=f"rendezvous port (default {DEFAULT_MASTER_PORT}; a TrainJob's is "
+                        f"{m.TRAINJOB_PORT})")
     p.add_argument("--retries", type=int, default=3, help="gang restarts allowed (backoffLimit = nodes x retries)")
     p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for launcher/train.py (repeatable; write --train-arg=--flag for one that starts with -)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="omit the TensorBoard Deployment")
+    p.add_argument("--tensorboard-s3-secret", default="elcrec-s3-readonly",
+                   help="TensorBoard's own, read-only storage Secret (optional; '' to omit; "
+                        "default elcrec-s3-readonly); never the trainer's --s3-secret")
+    p.add_argument("--tensorboard-service-account",
+                   help="TensorBoard's own ServiceAccount (a read-only cloud identity)")
     _pod_args(p)
 
 
@@ -439,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--poll-s", type=float, default=15.0)
     status.add_argument("--output", "-o", choices=("text", "json"), default="text")
     status.add_argument("--kubeflow", action="store_true", help="also list PyTorchJobs")
+    status.add_argument("--trainjob", action="store_true", help="also list TrainJobs")
     _cluster_args(status)
     status.set_defaults(func=cmd_status)
 

@@ -11,10 +11,29 @@ Training (any cluster, no operator):
   ``podFailurePolicy``: exit 2 (permanent) fails the Job, a disruption (preemption, eviction,
   node drain) is retried without counting, exit 75 (retryable) is retried and counted against
   ``backoffLimit = nodes x retries`` (one gang failure costs up to ``nodes`` pod failures).
-- ``Deployment`` + ``Service`` ``{name}-tensorboard``: TensorBoard on ``RUN/tb``, port 6006.
+- ``Deployment`` ``{name}-tensorboard``: TensorBoard on ``RUN/tb``, port 6006 inside the pod.
 
-Kubeflow variant: a ``PyTorchJob`` (Master + Workers, ``nprocPerNode``) with the same pod template
-in place of the Job and Service; the operator's ``PET_*`` variables feed the same entrypoint.
+Kubeflow variants, with the same pod template in place of the Job and Service:
+
+- ``PyTorchJob`` (``kubeflow.org/v1``, the training operator's legacy API): Master + Workers,
+  ``nprocPerNode``; the operator's ``PET_*`` variables feed the same entrypoint.
+- ``TrainJob`` + ``TrainingRuntime`` ``{name}`` (Kubeflow Trainer v2, ``trainer.kubeflow.org``):
+  the runtime holds a JobSet template (one replicated Job ``node``, container ``node``, the same
+  ``podFailurePolicy``; the JobSet fails at once on exit 2 and restarts the gang otherwise, up to
+  ``retries``); the TrainJob names it and sets the node and process counts. The Trainer's torch
+  plugin sets ``PET_*`` (master ``{name}-node-0-0.{name}``, port 29400) for the entrypoint.
+
+Around every variant:
+
+- ``NetworkPolicy`` ``{name}-trainer``: trainer pods accept traffic only from the job's own
+  trainer pods (the rendezvous port and the collectives' other ports alike);
+  ``{name}-tensorboard``: TensorBoard accepts none. TensorBoard listens on 127.0.0.1 only and has
+  no Service: ``kubectl port-forward`` reaches it (it connects inside the pod), nothing else does.
+- TensorBoard gets its own, read-only storage Secret and ServiceAccount, never the trainer's.
+- Images are referenced by digest (``name@sha256:...``); a tag is refused unless allowed, since
+  every pod and every retry pulls on its own and a tag that moves mixes code within one run.
+- ``--queue`` labels the workload ``kueue.x-k8s.io/queue-name`` (Kueue's webhook suspends it until
+  admitted); ``--priority-class`` sets the pods' ``priorityClassName``.
 
 Data prep (``python -m data_prep.build --stage ...``), one Job per stage, run in this order:
 ``plan`` (one pod), ``map``, ``reduce`` (Indexed Jobs, one pod per worker index,
@@ -45,11 +64,19 @@ PVC_ROOT = "/mnt/pvc"
 RUN_AS = 10001  # the image's non-root user (k8s/Dockerfile)
 GPU_RESOURCE = "nvidia.com/gpu"
 TENSORBOARD_PORT = 6006
+TRAINJOB_PORT = 29400  # the Trainer's torch plugin fixes PET_MASTER_PORT (ContainerTrainerPort)
+TRAINJOB_NODE = "node"  # replicated Job and container the Trainer fills in (constants.Node)
+TRAINJOB_ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 EXIT_PERMANENT = 2
 EXIT_RETRYABLE = 75
 NAME_MAX = 40  # "{name}-prep-reduce-{index}" must stay a valid 63-character hostname
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
+_DIGEST = re.compile(r"@(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class ManifestError(ConfigError):
@@ -147,6 +174,36 @@ def check_quantity(text: str | None, *, what: str) -> str | None:
     return text
 
 
+def image_is_pinned(image: str) -> bool:
+    """``name@sha256:<64 hex>`` (a tag before the digest is allowed; the kubelet ignores it)."""
+    return bool(_DIGEST.search(image))
+
+
+def check_image(image: str, *, allow_mutable: bool) -> str:
+    """A digest-pinned reference, or a tag only when ``allow_mutable``. Why refuse by default:
+    every pod of a gang and every retry pulls the image on its own, so a tag moved between two
+    pulls runs two builds of the trainer in one job or across a resume, which neither the resume
+    checks nor the exactness tests can see."""
+    if not image or any(c.isspace() for c in image):
+        raise ManifestError(f"--image {image!r} is not an image reference")
+    if "@" in image and not image_is_pinned(image):
+        raise ManifestError(f"--image {image!r}: a digest is written @sha256:<64 lowercase hex>")
+    if not image_is_pinned(image) and not allow_mutable:
+        raise ManifestError(
+            f"--image {image!r} is a tag, which can move between the pulls of one job's pods and "
+            "retries: give the digest (REPO@sha256:..., printed by `docker push` or `docker "
+            "buildx imagetools inspect REPO:TAG`), or pass --allow-mutable-image to accept the tag"
+        )
+    return image
+
+
+def mutable_image_warning(image: str) -> str | None:
+    if image_is_pinned(image):
+        return None
+    return (f"warning: --image {image} is a tag, not a digest: pods and retries of this job may "
+            "run different builds if the tag moves")
+
+
 @dataclass(frozen=True)
 class PodOptions:
     """Scheduling, identity and storage settings shared by every pod of a run."""
@@ -159,6 +216,22 @@ class PodOptions:
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[Toleration, ...] = ()
     image_pull_secrets: tuple[str, ...] = ()
+    allow_mutable_image: bool = False
+    queue: str | None = None  # Kueue LocalQueue: labels the workload (Job, PyTorchJob, TrainJob)
+    priority_class: str | None = None  # PriorityClass of the workload's pods
+
+    def __post_init__(self) -> None:
+        check_image(self.image, allow_mutable=self.allow_mutable_image)
+        if self.queue is not None and not _LABEL_VALUE.match(self.queue):
+            raise ManifestError(f"--queue {self.queue!r} is not a valid label value (a LocalQueue "
+                                "name: at most 63 letters, digits, '-', '_' or '.')")
+        if self.priority_class is not None and not _SUBDOMAIN.match(self.priority_class):
+            raise ManifestError(f"--priority-class {self.priority_class!r} is not a valid "
+                                "PriorityClass name (lowercase letters, digits, '-' and '.')")
+
+    def workload_labels(self) -> dict[str, str]:
+        """Labels of the object a queue admits (never of its pods: Kueue reads the workload)."""
+        return {KUEUE_QUEUE_LABEL: self.queue} if self.queue else {}
 
 
 @dataclass(frozen=True)
@@ -179,9 +252,24 @@ class TrainSpec:
     retries: int = 3
     train_args: tuple[str, ...] = ()
     tensorboard: bool = True
+    # TensorBoard only reads the run folder: its own read-only credentials, never the trainer's.
+    tensorboard_secret: str = "elcrec-s3-readonly"  # optional Secret; '' for none
+    tensorboard_service_account: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.tensorboard_secret and self.tensorboard_secret == self.pod.s3_secret:
+            raise ManifestError(
+                f"--tensorboard-s3-secret {self.tensorboard_secret!r} is the trainer's Secret: "
+                "TensorBoard would get write access to the run folder; give it a read-only one"
+            )
+        if (self.tensorboard_service_account is not None
+                and self.tensorboard_service_account == self.pod.service_account):
+            raise ManifestError(
+                f"--tensorboard-service-account {self.tensorboard_service_account!r} is the "
+                "trainer's ServiceAccount (its cloud identity can write the run folder); give "
+                "TensorBoard a read-only one"
+            )
         if self.nodes < 1:
             raise ManifestError(f"--nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
@@ -278,11 +366,13 @@ def labels(name: str, component: str) -> dict[str, str]:
     }
 
 
-def _meta(name: str, *, instance: str, component: str, pod: PodOptions) -> Obj:
+def _meta(name: str, *, instance: str, component: str, pod: PodOptions,
+          workload: bool = False) -> Obj:
+    """``workload``: the object a queue admits (gets the Kueue queue label)."""
     meta: Obj = {"name": name}
     if pod.namespace:
         meta["namespace"] = pod.namespace
-    meta["labels"] = labels(instance, component)
+    meta["labels"] = labels(instance, component) | (pod.workload_labels() if workload else {})
     return meta
 
 
@@ -319,6 +409,8 @@ def _pod_spec(pod: PodOptions, containers: list[Obj], volumes: list[Obj], *, res
     if subdomain:
         spec["subdomain"] = subdomain
     spec["restartPolicy"] = restart
+    if pod.priority_class:
+        spec["priorityClassName"] = pod.priority_class
     if pod.service_account:
         spec["serviceAccountName"] = pod.service_account
     spec["automountServiceAccountToken"] = False
@@ -395,7 +487,10 @@ def headless_service(spec: TrainSpec) -> Obj:
     }
 
 
-def trainer_container(spec: TrainSpec, *, name: str, indexed: bool) -> tuple[Obj, list[Obj]]:
+def trainer_container(spec: TrainSpec, *, name: str, kind: str) -> tuple[Obj, list[Obj]]:
+    """The trainer's container and its pod's volumes. ``kind``: ``job`` (the Indexed Job's
+    variables), ``pytorchjob`` or ``trainjob`` (the operator sets ``PET_*``)."""
+    indexed = kind == "job"
     env: list[Obj] = [
         {"name": "ELCREC_PROCS_PER_NODE", "value": str(spec.procs)},
         {"name": "ELCREC_DATA", "value": spec.data.path},
@@ -442,7 +537,11 @@ def trainer_container(spec: TrainSpec, *, name: str, indexed: bool) -> tuple[Obj
     }
     if spec.pod.s3_secret:
         container["envFrom"] = _env_from(spec.pod)
-    container["ports"] = [{"name": "pytorchjob-port" if not indexed else "rendezvous", "containerPort": spec.master_port}]
+    # The training operator finds the master port by this name; the Trainer fixes its own.
+    port_name, port = {"job": ("rendezvous", spec.master_port),
+                       "pytorchjob": ("pytorchjob-port", spec.master_port),
+                       "trainjob": ("rendezvous", TRAINJOB_PORT)}[kind]
+    container["ports"] = [{"name": port_name, "containerPort": port}]
     if resources:
         container["resources"] = resources
     container["securityContext"] = container_security()
@@ -464,7 +563,7 @@ def trainer_container(spec: TrainSpec, *, name: str, indexed: bool) -> tuple[Obj
 
 
 def training_job(spec: TrainSpec) -> Obj:
-    container, volumes = trainer_container(spec, name="trainer", indexed=True)
+    container, volumes = trainer_container(spec, name="trainer", kind="job")
     template = {
         "metadata": {"labels": labels(spec.name, "trainer")},
         "spec": _pod_spec(spec.pod, [container], volumes, restart="Never",
@@ -473,7 +572,8 @@ def training_job(spec: TrainSpec) -> Obj:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(spec.name, instance=spec.name, component="trainer", pod=spec.pod),
+        "metadata": _meta(spec.name, instance=spec.name, component="trainer", pod=spec.pod,
+                          workload=True),
         "spec": {
             "completionMode": "Indexed",
             "completions": spec.nodes,
@@ -492,7 +592,7 @@ def pytorch_job(spec: TrainSpec) -> Obj:
     """Kubeflow training-operator variant. Its restartPolicy cannot tell exit 2 from 75 (the
     operator's ExitCode policy treats every code below 128 as permanent), so it restarts on any
     failure up to runPolicy.backoffLimit."""
-    container, volumes = trainer_container(spec, name="pytorch", indexed=False)
+    container, volumes = trainer_container(spec, name="pytorch", kind="pytorchjob")
 
     def replica(count: int) -> Obj:
         return {
@@ -511,13 +611,115 @@ def pytorch_job(spec: TrainSpec) -> Obj:
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _meta(spec.name, instance=spec.name, component="trainer", pod=spec.pod),
+        "metadata": _meta(spec.name, instance=spec.name, component="trainer", pod=spec.pod,
+                          workload=True),
         "spec": {
             "nprocPerNode": str(spec.procs),
             "runPolicy": {"backoffLimit": spec.retries, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+def training_runtime(spec: TrainSpec) -> Obj:
+    """The Trainer v2 runtime of this job: a JobSet template with one replicated Job ``node``.
+
+    Namespaced (a ``TrainingRuntime``, not a ``ClusterTrainingRuntime``): it names this run's
+    ConfigMap and Secret, which live in the job's namespace, and creating it needs no cluster
+    rights. Failures follow the Indexed Job's exit-code contract, one level up: the child Job's
+    ``podFailurePolicy`` fails it at once on exit 2 (reason ``PodFailurePolicy``), which fails the
+    JobSet; any other failure fails the child Job (``backoffLimit`` 0) and the JobSet restarts
+    the whole gang, at most ``retries`` times; a disrupted pod is replaced without counting."""
+    container, volumes = trainer_container(spec, name=TRAINJOB_NODE, kind="trainjob")
+    job_spec: Obj = {
+        "completionMode": "Indexed",  # PET_NODE_RANK is the pod's completion index
+        "completions": spec.nodes,  # the Trainer sets both from numNodes; written for the reader
+        "parallelism": spec.nodes,
+        "backoffLimit": 0,  # one lost pod stalls every rank: the JobSet restarts them together
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": failure_policy(TRAINJOB_NODE),
+        "template": {
+            "metadata": {"labels": labels(spec.name, "trainer")},
+            "spec": _pod_spec(spec.pod, [container], volumes, restart="Never",
+                              gpu_toleration=spec.gpus_per_node > 0),
+        },
+    }
+    return {
+        "apiVersion": TRAINER_API,
+        "kind": "TrainingRuntime",
+        "metadata": _meta(spec.name, instance=spec.name, component="trainer-runtime",
+                          pod=spec.pod),
+        "spec": {
+            "mlPolicy": {"numNodes": spec.nodes, "torch": {}},
+            "template": {
+                "spec": {
+                    # peers must resolve node 0 before anything is "ready"
+                    "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+                    "failurePolicy": {
+                        "maxRestarts": spec.retries,
+                        "rules": [{"name": "permanentExit", "action": "FailJobSet",
+                                   "onJobFailureReasons": ["PodFailurePolicy"]}],
+                    },
+                    "replicatedJobs": [{
+                        "name": TRAINJOB_NODE,
+                        "replicas": 1,
+                        "template": {
+                            # the Trainer applies the TrainJob's trainer settings to this Job
+                            "metadata": {"labels": {TRAINJOB_ANCESTOR: "trainer"}},
+                            "spec": job_spec,
+                        },
+                    }],
+                },
+            },
+        },
+    }
+
+
+def train_job(spec: TrainSpec) -> Obj:
+    """Kubeflow Trainer v2 variant: the TrainJob names its runtime (``training_runtime``, same
+    name) and sets the node and process counts; everything else is in the runtime."""
+    return {
+        "apiVersion": TRAINER_API,
+        "kind": "TrainJob",
+        "metadata": _meta(spec.name, instance=spec.name, component="trainer", pod=spec.pod,
+                          workload=True),
+        "spec": {
+            "runtimeRef": {"name": spec.name, "kind": "TrainingRuntime",
+                           "apiGroup": TRAINER_API.split("/")[0]},
+            "trainer": {"numNodes": spec.nodes, "numProcPerNode": spec.procs},
+        },
+    }
+
+
+def network_policies(spec: TrainSpec) -> list[Obj]:
+    """Trainer pods take traffic only from the job's own trainer pods: the rendezvous port and
+    every other port (NCCL and gloo connect peers on ephemeral ones). Egress stays open (storage,
+    DNS, the peers). TensorBoard takes none: ``kubectl port-forward`` enters the pod's own
+    network namespace, which no NetworkPolicy filters."""
+    trainer = labels(spec.name, "trainer")
+    policies = [{
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(f"{spec.name}-trainer", instance=spec.name, component="trainer",
+                          pod=spec.pod),
+        "spec": {
+            "podSelector": {"matchLabels": trainer},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": trainer}}]}],
+        },
+    }]
+    if spec.tensorboard:
+        policies.append({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(spec.tensorboard_name, instance=spec.name,
+                              component="tensorboard", pod=spec.pod),
+            "spec": {
+                "podSelector": {"matchLabels": labels(spec.name, "tensorboard")},
+                "policyTypes": ["Ingress"],  # and no rule: nothing may connect
+            },
+        })
+    return policies
 
 
 def tensorboard(spec: TrainSpec) -> list[Obj]:
@@ -528,20 +730,27 @@ def tensorboard(spec: TrainSpec) -> list[Obj]:
         "image": spec.pod.image,
         "imagePullPolicy": spec.pod.image_pull_policy,
         "command": ["tensorboard"],
-        "args": ["--logdir", "$(ELCREC_RUN_DIR)/tb", "--host", "0.0.0.0", "--port", str(TENSORBOARD_PORT)],
+        # Loopback only: TensorBoard has no authentication. `kubectl port-forward` connects to
+        # the pod's loopback, so it still works; no other pod can reach it, whatever the CNI.
+        "args": ["--logdir", "$(ELCREC_RUN_DIR)/tb", "--host", "127.0.0.1",
+                 "--port", str(TENSORBOARD_PORT)],
         "env": [{"name": "ELCREC_RUN_DIR", "value": spec.run_dir.path}, *_base_env()],
     }
-    if spec.pod.s3_secret:
-        container["envFrom"] = _env_from(spec.pod)
+    # Its own identity: the read-only Secret and ServiceAccount, never the trainer's.
+    pod = dataclasses.replace(
+        spec.pod, node_selector=(), tolerations=(),  # no GPU node needed
+        s3_secret=spec.tensorboard_secret, service_account=spec.tensorboard_service_account,
+        queue=None, priority_class=None,  # a viewer, not a workload to queue or preempt with
+    )
+    if pod.s3_secret:
+        container["envFrom"] = _env_from(pod)
     container |= {
         "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10},
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
         "securityContext": container_security(),
         "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, *pvc_mounts],
     }
     volumes = [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}, *pvc_volumes]
-    pod = dataclasses.replace(spec.pod, node_selector=(), tolerations=())  # no GPU node needed
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -555,21 +764,21 @@ def tensorboard(spec: TrainSpec) -> list[Obj]:
             },
         },
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(name, instance=spec.name, component="tensorboard", pod=spec.pod),
-        "spec": {
-            "selector": labels(spec.name, "tensorboard"),
-            "ports": [{"name": "http", "port": TENSORBOARD_PORT, "targetPort": "http"}],
-        },
+    return [deployment]
+
+
+def training_objects(spec: TrainSpec, *, kind: str = "job") -> list[Obj]:
+    """Everything a run needs, in the order to apply it. ``kind``: the trainer's workload,
+    ``job`` (Indexed Job + headless Service), ``pytorchjob`` or ``trainjob`` (its runtime
+    first: the Trainer's webhook checks that a TrainJob's runtime exists)."""
+    workload = {
+        "job": lambda: [headless_service(spec), training_job(spec)],
+        "pytorchjob": lambda: [pytorch_job(spec)],
+        "trainjob": lambda: [training_runtime(spec), train_job(spec)],
     }
-    return [deployment, service]
-
-
-def training_objects(spec: TrainSpec, *, kubeflow: bool = False) -> list[Obj]:
-    objects = [config_map(spec)]
-    objects += [pytorch_job(spec)] if kubeflow else [headless_service(spec), training_job(spec)]
+    if kind not in workload:
+        raise ManifestError(f"unknown workload kind {kind!r} (expected {', '.join(workload)})")
+    objects = [config_map(spec), *network_policies(spec), *workload[kind]()]
     if spec.tensorboard:
         objects += tensorboard(spec)
     return objects
@@ -657,7 +866,8 @@ def prep_job(spec: PrepSpec, stage: str) -> Obj:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(name, instance=spec.name, component=f"prep-{stage}", pod=spec.pod),
+        "metadata": _meta(name, instance=spec.name, component=f"prep-{stage}", pod=spec.pod,
+                          workload=True),
         "spec": job_spec,
     }
 
