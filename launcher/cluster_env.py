@@ -15,7 +15,8 @@ Sources, chosen by the variables present (or forced with ``ELCREC_CLUSTER_ENV``)
                 headless Service is their ``subdomain``
     port        ``ELCREC_MASTER_PORT``, else 29500
 
-``pytorchjob`` (Kubeflow training operator; any ``PET_*`` variable)
+``pytorchjob`` (Kubeflow training operator's PyTorchJob, or Kubeflow Trainer v2's TrainJob,
+whose torch plugin sets the same ``PET_*``; any ``PET_*`` variable)
     node count  ``PET_NNODES`` (an elastic range such as ``1:4`` is refused), else ``WORLD_SIZE``
                 (operators older than ``PET_NNODES`` count pods there)
     node rank   ``PET_NODE_RANK``, else ``RANK`` (the operator sets both to the pod's index)

@@ -4,8 +4,8 @@
         -- --config /etc/elcrec/config.yaml --data s3://... --run-dir s3://...
 
 Reads the pod's place in the job from the scheduler's environment (Kubernetes Indexed Job,
-Kubeflow PyTorchJob or Volcano; see ``launcher.cluster_env``), waits until the master's name
-resolves, writes a DeepSpeed hostfile and runs
+Kubeflow PyTorchJob or TrainJob, or Volcano; see ``launcher.cluster_env``), waits until the
+master's name resolves, writes a DeepSpeed hostfile and runs
 
     deepspeed --no_ssh --hostfile H --node_rank R --master_addr A --master_port P \\
         --module launcher.train ARGS...
