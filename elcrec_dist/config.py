@@ -112,12 +112,28 @@ class LossConfig:
     # shares per centre) in place of the nearest centre (losses.balanced_uniform_cluster_loss).
     cluster_form: Literal["published", "assigned_uniform", "balanced_uniform"] = "published"
     temperature: float = 1.0
+    # Beyond the paper (default None: ``temperature``, the paper's 1): the temperature of the
+    # sequence-contrastive term alone. Its logits are raw dot products of flattened T x D states,
+    # a sum over T positions, so at temperature 1 the term starts near 140-180 and its gradient
+    # dwarfs the next-item loss's (docs/notes/slow-start.md); T (max_len) makes each logit the
+    # mean over positions of per-position dot products. See docs/RESULTS.md, "Time to quality".
+    seq_cl_temperature: float | None = None
     # Contrastive negatives under data parallelism: "global" gathers every rank's rows (with
     # gradient) so 2 ranks x 128 compute the loss of 1 rank x 256; "local" uses this rank's only.
     negatives: Literal["global", "local"] = "global"
 
+    @property
+    def seq_cl_tau(self) -> float:
+        """The sequence-contrastive term's temperature (``seq_cl_temperature`` if set)."""
+        return self.temperature if self.seq_cl_temperature is None else self.seq_cl_temperature
+
     def validate(self) -> None:
         require(self.temperature > 0, "loss.temperature must be > 0")
+        require(
+            self.seq_cl_temperature is None or self.seq_cl_temperature > 0,
+            f"loss.seq_cl_temperature must be > 0 (or null: loss.temperature), "
+            f"got {self.seq_cl_temperature}",
+        )
         for name in ("seq_cl_weight", "intent_cl_weight", "cluster_weight"):
             require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
 

@@ -457,7 +457,7 @@ def elcrec_terms(
     if with_views:
         if config.seq_cl_weight > 0:
             terms["seq_cl"] = seq_cl_loss(
-                view_hidden, centres, fusion=config.fusion, temperature=config.temperature,
+                view_hidden, centres, fusion=config.fusion, temperature=config.seq_cl_tau,
                 shard=shard,
             )
         if config.intent_cl_weight > 0:

@@ -197,6 +197,7 @@ def test_lists_become_tuples() -> None:
         (["train.betas=[0.9, 1.0]"], r"train\.betas"),
         (["train.batch_size=1"], r"train\.batch_size"),
         (["loss.temperature=0"], r"loss\.temperature"),
+        (["loss.seq_cl_temperature=-1"], r"loss\.seq_cl_temperature must be > 0"),
         (["augment.methods=[crop, shuffle]"], r"augment\.methods.*shuffle"),
         (["deepspeed.zero_stage=3"], r"deepspeed\.zero_stage"),
     ],

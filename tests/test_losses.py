@@ -454,6 +454,25 @@ def test_elcrec_terms_equal_the_naive_composition(fusion: Fusion, pairs: Pairs) 
     assert model.cluster_centers.grad is not None and model.cluster_centers.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(("seq_tau", "want_seq_tau"), [(None, 0.5), (7.0, 7.0)])
+def test_seq_cl_temperature_applies_to_the_sequence_term_only(
+    seq_tau: float | None, want_seq_tau: float
+) -> None:
+    """``loss.seq_cl_temperature`` (beyond the paper) divides the sequence-CL logits only; unset,
+    the sequence term uses ``loss.temperature`` like the intent term."""
+    model, batch = tiny_model(), tiny_batch()
+    config = LossConfig(temperature=0.5, seq_cl_temperature=seq_tau)
+    terms = elcrec_terms(model, batch, config)
+    with torch.no_grad():
+        hidden, view_hidden = model(batch.inputs), model(batch.views)
+    centres = model.cluster_centers.detach()
+    user_emb = naive_mean_over_time(hidden)
+    want_seq = naive_seq_cl(view_hidden, centres, "shift", want_seq_tau)
+    assert terms["seq_cl"].item() == pytest.approx(want_seq, rel=1e-10)
+    want_intent = naive_intent_cl(view_hidden, user_emb, centres, 0.5)
+    assert terms["intent_cl"].item() == pytest.approx(want_intent, rel=1e-10)
+
+
 def test_zero_weights_omit_terms_and_the_views_pass() -> None:
     model, batch = tiny_model(), tiny_batch()
     calls = count_forwards(model)
