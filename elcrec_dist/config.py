@@ -259,9 +259,19 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
+    # How the item table's gradient travels (elcrec_dist.trainer.exchange): "dense" all-reduces
+    # the whole [N + 1, D] table every step (DeepSpeed's own path); "sparse" all-gathers only the
+    # rows the step touched (ZeRO stage 0 only); "auto" takes, per step, the cheaper of the two
+    # on the wire at stage 0, and dense at stages 1 and 2. The update equals the dense path's.
+    item_exchange: Literal["dense", "sparse", "auto"] = "dense"
 
     def validate(self) -> None:
         require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage must be 0, 1 or 2")
+        require(
+            not (self.item_exchange == "sparse" and self.zero_stage != 0),
+            f"deepspeed.item_exchange=sparse needs deepspeed.zero_stage 0 (ZeRO {self.zero_stage} "
+            "reduces gradients in its own hooks); use dense, or auto (dense under ZeRO)",
+        )
         require(self.reduce_bucket_size >= 1, f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
         # ZeRO aligns its all-gather buffers to 4 bytes, counted in 2-byte elements
         require(
