@@ -21,6 +21,7 @@ from elcrec_dist.config import ExperimentConfig, LossConfig
 from elcrec_dist.distributed import BatchShard
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
+from elcrec_dist.trainer.exchange import attach_item_exchange, exchange_after_backward
 from elcrec_dist.trainer.intents import intent_source
 
 
@@ -88,6 +89,7 @@ def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
         model_parameters=[p for p in objective.parameters() if p.requires_grad],
         config=deepspeed_config(config, dist_utils.world_size()),
     )
+    attach_item_exchange(engine, config)  # deepspeed.item_exchange: how the table's gradient travels
     return engine
 
 
@@ -145,6 +147,7 @@ def train_step(
     total = weighted_total(terms, config.loss)
     # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.
     engine.backward(total * shard.world)
+    exchange_after_backward(engine, batch)  # sparse: the item table's touched rows, after backward
     engine.step()
     intent_source(config.model.intents).after_step(engine)
     names = [*terms, "total"]
