@@ -16,33 +16,15 @@ from typing import Any
 import torch
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.checkpoint import CheckpointError, Checkpointer, Restored, TrainState, latest_checkpoint
+from elcrec_dist.checkpoint import Checkpointer, Restored, TrainState
 from elcrec_dist.config import ExperimentConfig
-from elcrec_dist.errors import PermanentError, RetryableError
 from elcrec_dist.model import ELCRec
 from elcrec_dist.runlog import RunLogger, logger, progress
 from elcrec_dist.stream import StreamingDataset
-from elcrec_dist.trainer.engine import (
-    NONFINITE_RANKS,
-    STOP_RANKS,
-    build_engine,
-    engine_state_finite,
-    init_model,
-    run_step,
-)
+from elcrec_dist.trainer.engine import build_engine, init_model, run_step
 from elcrec_dist.trainer.exchange import exchange_figures
 from elcrec_dist.trainer.intents import CentreWins, centre_stats, intent_source
 from elcrec_dist.trainer.validation import evaluate_sharded
-
-
-class TrainingDiverged(PermanentError, RuntimeError):
-    """Steps kept failing to be finite, or the weights are no longer finite. Permanent: the same
-    settings diverge again; nothing non-finite was committed."""
-
-
-class StoppedOnRequest(RetryableError):
-    """Asked to stop (SIGTERM, the launcher gone); a checkpoint was committed first. Retryable:
-    the same command with ``--resume`` continues where it stopped."""
 
 
 @dataclass
@@ -71,8 +53,6 @@ class Trainer:
         self.checkpointer = Checkpointer(config.train.run_dir, config=config,
                                          dataset=data.info.fingerprint())
         self.state = TrainState(world_size=self.world)
-        self.nonfinite_in_row = 0  # steps skipped in a row for a non-finite loss or gradient
-        self.nonfinite_steps = 0  # all steps skipped so far by this process
         self.model: ELCRec
         self.engine: Any
         self.wins: CentreWins
@@ -86,18 +66,15 @@ class Trainer:
                         self.state.best_epoch)
         last = self.state.epoch if stop else train.epochs
         epochs = range(self.state.epoch, last)
-        with dist_utils.stop_requests():  # SIGTERM: checkpoint at the next step, exit 75
-            for epoch in progress(epochs, desc="epochs", main=dist_utils.is_main(), total=len(epochs)):
-                self.train_epoch(epoch)
-                if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
-                    stop = self.validate(epoch)
-                self.save_checkpoint()
-                if self.stop_requested():  # asked during the epoch's last step or its evaluation
-                    raise self.stopped()
-                if stop:
-                    logger.info("early stop after epoch %d: no better %s for %d evaluations",
-                                epoch, self.config.eval.select_metric, self.state.bad_evals)
-                    break
+        for epoch in progress(epochs, desc="epochs", main=dist_utils.is_main(), total=len(epochs)):
+            self.train_epoch(epoch)
+            if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
+                stop = self.validate(epoch)
+            self.checkpointer.save(self.engine, self.state)
+            if stop:
+                logger.info("early stop after epoch %d: no better %s for %d evaluations",
+                            epoch, self.config.eval.select_metric, self.state.bad_evals)
+                break
         test = self.test_best()
         state = self.state
         return FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history,
