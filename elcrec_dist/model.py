@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elcrec_dist import numerics
 from elcrec_dist.config import ModelConfig
+
+# Subnormal floats flushed to zero for this process (``elcrec_dist.numerics``): here because
+# every process that computes with the model imports this module before its first tensor
+# operation, so torch's intra-op threads, created later, start with the setting.
+numerics.apply()
 
 # The reference adds -10000 to masked attention logits rather than -inf. For a padded query
 # every key is masked, so its softmax becomes uniform-shifted attention over all keys instead of
