@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from elcrec_dist.errors import PermanentError
+from elcrec_dist.rundir import filesystem
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -75,7 +76,9 @@ class DatasetInfo:
 
 
 def _fs_and_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(url)
+    """The dataset's filesystem, with the project's storage policy (retries and timeouts on
+    every read; ``elcrec_dist.rundir``), and its root path."""
+    fs, root = filesystem(url)
     return fs, root.rstrip("/")
 
 

@@ -14,6 +14,7 @@ import argparse
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ConfigError, load_config
+from elcrec_dist.rundir import check_location
 from elcrec_dist.runlog import setup_console
 from launcher.common import config_arguments, print_json_line, run_main
 
@@ -21,7 +22,8 @@ from launcher.common import config_arguments, print_json_line, run_main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_arguments(parser)
-    parser.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
+    parser.add_argument("--run-dir",
+                        help="run folder: a local path or s3://BUCKET/PATH (overrides train.run_dir)")
     parser.add_argument(
         "--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
         help="continue from the newest complete checkpoint in the run folder: an error if there is none, "
@@ -38,6 +40,10 @@ def main() -> int:
     config = load_config(args.config, overrides)
     if not config.data.path:
         raise ConfigError("no dataset: pass --data or set data.path")
+    # Before any work: a URL is never taken for a local path; scheme, credentials and bucket
+    # are checked here, not at the first checkpoint (exit 2 if missing, 75 if unreachable).
+    check_location(config.data.path, what="dataset")
+    check_location(config.train.run_dir, what="run folder")
 
     from elcrec_dist.stream import StreamingDataset
     from elcrec_dist.trainer import train

@@ -1,12 +1,11 @@
 """A training run around ``fit``: the resumability check, the run folder (resolved config,
 logs), and the final ``results.json`` with its baselines and diagnostics. Files are written by
-rank 0 only."""
+rank 0 only, through ``rundir.Folder``: the run folder is a local path or an ``s3://`` URL."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.diagnostics import intent_recovery
 from elcrec_dist.model import ELCRec
 from elcrec_dist.planted import read_planted
+from elcrec_dist.rundir import Folder
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.trainer.loop import FitResult, fit
@@ -26,7 +26,7 @@ from elcrec_dist.trainer.validation import popularity_sharded
 
 
 def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.device,
-          resume: str | None = None) -> tuple[Path, FitResult]:
+          resume: str | None = None) -> tuple[Folder, FitResult]:
     """One training run end to end: refuse a resume that does not fit before anything is
     written, prepare the run folder, train, test, write ``results.json``. Collective."""
     info = data.info
@@ -40,17 +40,19 @@ def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.dev
     try:
         result, model = fit(config, data, device=device, run_log=run_log, resume=resume)
         finish_run(config, result, model, data=data, run_log=run_log, seconds=time.time() - started, device=device)
-    finally:
-        run_log.close()
+    except BaseException:
+        run_log.close(quiet=True)  # the run's own error is the one to report
+        raise
+    run_log.close()
     return run_dir, result
 
 
-def prepare_run_dir(config: ExperimentConfig) -> Path:
+def prepare_run_dir(config: ExperimentConfig) -> Folder:
     """The run folder every rank agrees on; the resolved config is written into it."""
-    run_dir = Path(dist_utils.broadcast_object(config.train.run_dir))
+    run_dir = Folder(dist_utils.broadcast_object(config.train.run_dir))
     if dist_utils.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        run_dir.makedirs()
+        run_dir.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
     return run_dir
 
 
@@ -100,8 +102,6 @@ def finish_run(
                 summary["popularity_test"].get("NDCG@20", float("nan")))
     if "intent_recovery" in summary:
         logger.info("intent recovery: %s", json.dumps(summary["intent_recovery"]))
-    path = Path(config.train.run_dir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(path)
+    run_log.sync()  # the logs are complete in the run folder before results.json says "done"
+    Folder(config.train.run_dir).write_text(json.dumps(summary, indent=2) + "\n", "results.json")
     return summary
