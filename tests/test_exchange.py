@@ -150,8 +150,12 @@ def test_three_ranks_stay_identical_and_match_dense_up_to_summation_order(tmp_pa
     sparse = _launch(tmp_path / "sparse", 3, exchange="sparse", steps=3, overrides=three)
     for r in (1, 2):
         _assert_equal_runs(sparse[r], sparse[0])
+    diffs = []
     for name, value in dense[0]["state"].items():
-        # Adam divides by sqrt(v): where a gradient is ~0 a last-bit difference in the sum can
-        # move an entry by a fraction of lr (1e-3) in the first steps; elsewhere float rounding
+        # Adam's first steps are lr * m / sqrt(v): where a gradient is ~0 up to rounding (the
+        # attention key bias's is exactly 0 in theory) another summation order moves an entry
+        # by a small fraction of lr (1e-3); everywhere else the two differ by float rounding.
         diff = (sparse[0]["state"][name] - value).abs()
-        assert diff.max() <= 1e-5, (name, float(diff.max()))
+        assert diff.max() <= 2e-5, (name, float(diff.max()))
+        diffs.append(diff.flatten())
+    assert (torch.cat(diffs) > 1e-7).float().mean() <= 1e-3
