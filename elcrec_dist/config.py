@@ -232,10 +232,22 @@ class EvalConfig:
     # Items scored at a time (elcrec_dist.evaluation): memory follows batch_size x tile_items,
     # not the catalogue; the metrics do not depend on it.
     tile_items: int = 16384
+    # Validation users: a seeded fixed sample of this many (the same users every epoch, at any
+    # world size), or null for every user. The test pass always covers every user.
+    valid_users: int | None = None
+    # Sampled-negative metrics beside the full-ranking ones (elcrec_dist.sampled_metrics, as
+    # RecBole's uni100/pop100): the answer against this many unseen items drawn uniformly or by
+    # training popularity, reported as sampled_uni100/NDCG@10 etc.; 0 for none. Never selected on.
+    sampled_negatives: int = 0
+    sampled_distribution: Literal["uniform", "popularity"] = "uniform"
 
     def validate(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size must be >= 1")
         require(self.tile_items >= 1, f"eval.tile_items must be >= 1, got {self.tile_items}")
+        require(self.valid_users is None or self.valid_users >= 1,
+                f"eval.valid_users must be >= 1 or null (every user), got {self.valid_users}")
+        require(self.sampled_negatives >= 0,
+                f"eval.sampled_negatives must be >= 0, got {self.sampled_negatives}")
         require(len(self.ks) >= 1 and all(k >= 1 for k in self.ks), "eval.ks must be >= 1")
         names = {f"{m}@{k}" for k in self.ks for m in ("HR", "NDCG")} | {"MRR"}
         require(
