@@ -128,11 +128,15 @@ def verify(folder: Path) -> dict[str, Any] | None:
 # kernels' summation order, and how ZeRO buckets its collectives (smaller buckets after an
 # out-of-memory kill). Every other key decides what the run computes; resuming with another
 # value would continue one run under another run's settings, so it is refused.
+# deepspeed.item_exchange changes how the item table's gradient travels, not what it sums to: on
+# 2 ranks bitwise the same update; on 3 or more only the order of float additions, as the
+# bucket sizes change it. The sampled metrics add reported numbers and select nothing.
 RESUMABLE_KEYS = frozenset({
     "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
     "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
-    "deepspeed.overlap_comm",
+    "deepspeed.overlap_comm", "deepspeed.item_exchange", "eval.sampled_negatives",
+    "eval.sampled_distribution",
 })
 
 

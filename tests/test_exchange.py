@@ -159,3 +159,14 @@ def test_three_ranks_stay_identical_and_match_dense_up_to_summation_order(tmp_pa
         assert diff.max() <= 2e-5, (name, float(diff.max()))
         diffs.append(diff.flatten())
     assert (torch.cat(diffs) > 1e-7).float().mean() <= 1e-3
+
+
+def test_a_resume_may_switch_the_exchange_but_not_the_validation_sample() -> None:
+    from elcrec_dist.checkpoint import config_changes
+
+    before = load_config(None, []).to_dict()
+    switched = load_config(None, ["deepspeed.item_exchange=sparse", "eval.sampled_negatives=100",
+                                  "eval.sampled_distribution=popularity"]).to_dict()
+    assert config_changes(before, switched).changed == {}
+    sampled = load_config(None, ["eval.valid_users=1000"]).to_dict()  # another best model
+    assert set(config_changes(before, sampled).changed) == {"eval.valid_users"}
