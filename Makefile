@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 $(DEMO_DATA)/manifest.json: | $(STAMP)
 	$(BIN)/python -m data_prep.synthetic --output $(DEMO_DATA)
 
-# Set up, write the synthetic default dataset, train it with DeepSpeed (2 ranks), test the best model.
+# Set up, write the synthetic default dataset, train it with DeepSpeed (2 ranks), test the best
+# model, then write the intent report of the new model (runs/demo/intents/report.md and plots).
 demo: $(STAMP) $(DEMO_DATA)/manifest.json
 	PATH=$(abspath $(BIN)):$$PATH deepspeed --num_gpus 2 launcher/train.py --config configs/demo.yaml --data $(DEMO_DATA)
+	rm -rf runs/demo/intents
+	$(BIN)/python -m launcher.intents runs/demo --data $(DEMO_DATA) --output runs/demo/intents
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
