@@ -44,7 +44,9 @@ from elcrec_dist.model import ELCRec
 DEFAULT_TILE_ITEMS = EvalConfig.tile_items
 
 
-def _excluded_history(history: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _excluded_history(
+    history: torch.Tensor, answers: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The history sorted [B, L] and a mask [B, L] of the entries to exclude: each distinct item
     once, never padding (0) and never the answer itself."""
     ordered = history.sort(dim=1).values  # [B, L]
