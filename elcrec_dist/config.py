@@ -206,6 +206,10 @@ class TrainConfig:
     log_every: int = 50  # steps between loss logs
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at epoch ends)
     keep_checkpoints: int = 2  # complete checkpoints kept in RUN/checkpoints
+    # Warm start on a new build (elcrec_dist.trainer.warmstart; launcher --init-from): a run
+    # folder or model file whose encoder, centres and matched items' rows start this run; items
+    # are matched through both builds' id maps. "" starts afresh.
+    init_from: str = ""
     # torch's deterministic kernels (train.use_deterministic_kernels). Without them, on CPU with
     # more than one intra-op thread, the gradient of gathered rows (item embeddings, the centres
     # chosen by fusion and the intent CL) is summed in a thread-dependent order, so the same

@@ -29,6 +29,12 @@ def main() -> int:
         help="continue from the newest complete checkpoint in the run folder: an error if there is none, "
         "or, with --resume auto, start afresh then (what a retried Kubernetes pod wants)",
     )
+    parser.add_argument(
+        "--init-from", metavar="RUN",
+        help="warm start on this (newer) build from RUN's best model (a run folder or model file): "
+        "items matched by original id through both builds' id maps, the encoder and centres "
+        "carried over, a fresh optimizer; unlike --resume, a new run (train.init_from)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args()
 
@@ -37,6 +43,8 @@ def main() -> int:
         overrides.append(f"data.path={args.data}")
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
     config = load_config(args.config, overrides)
     if not config.data.path:
         raise ConfigError("no dataset: pass --data or set data.path")
@@ -47,9 +55,11 @@ def main() -> int:
 
     from elcrec_dist.stream import StreamingDataset
     from elcrec_dist.trainer import train
+    from elcrec_dist.trainer.warmstart import check_init_from
 
     data = StreamingDataset.open(config.data.path)  # manifest and footers: fails before any process group exists
-    device = dist_utils.init(local_rank=args.local_rank)
+    check_init_from(config, data.info, data.url)  # a model or build a warm start cannot use: exit 2
+    device = dist_utils.init(local_rank=args.local_rank, timeout_s=config.train.collective_timeout_s)
     try:
         setup_console(main=dist_utils.is_main())
         run_dir, result = train(config, data, device=device, resume=args.resume)

@@ -25,6 +25,7 @@ from elcrec_dist.trainer.engine import build_engine, init_model, run_step
 from elcrec_dist.trainer.exchange import exchange_figures
 from elcrec_dist.trainer.intents import CentreWins, centre_stats, intent_source
 from elcrec_dist.trainer.validation import evaluate_sharded
+from elcrec_dist.trainer.warmstart import warm_start
 
 
 @dataclass
@@ -86,7 +87,10 @@ class Trainer:
         the intent source start the centres; build the engine. Returns whether it resumed."""
         self.model = init_model(self.config, num_items=self.data.info.num_items, device=self.device)
         restored = self.checkpointer.find(self.resume)
-        if restored is None:
+        if restored is None and self.config.train.init_from:  # daily retraining: carry over
+            self.run_log.log(warm_start(self.model, self.config, self.data.info, self.data.url),
+                             step=0)
+        elif restored is None:
             self.start_intents()
         else:
             self.state = restored.state
