@@ -3,7 +3,10 @@ local S3 server, and the test-data factory: ``write_prepared`` writes a prepared
 size through the project's own writer, ``prepared_sets`` caches synthetic ones for the session.
 
 Test modules import the factory and its types as ``from conftest import ...`` (pytest puts
-``tests/`` on ``sys.path``, as it does for ``launch``), and use the fixtures by name."""
+``tests/`` on ``sys.path``, as it does for ``launch``), and use the fixtures by name. That is why
+this is the only ``conftest.py``: pytest drops ``sys.modules["conftest"]`` before importing
+another one, so a ``conftest.py`` in a subfolder (e.g. ``tests/reliability/``) would take the
+name and those imports would fail; put a subfolder's fixtures here or in a helper module."""
 
 from __future__ import annotations
 
