@@ -9,6 +9,7 @@ every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -215,9 +216,21 @@ class TrainConfig:
     # chosen by fusion and the intent CL) is summed in a thread-dependent order, so the same
     # command trains a different model each time.
     deterministic: bool = True
+    # Steps in a row whose loss or gradient may be non-finite on some rank (each one skipped:
+    # no update) before the run stops as diverged (exit 2); a finite step resets the count.
+    max_nonfinite_steps: int = 3
+    # Seconds a collective (and the rendezvous) waits for its peers before failing with exit 75:
+    # a hung or dead peer stops the job within it. Phases where one rank works while the others
+    # wait (k-means on rank 0, a checkpoint commit) must fit in it.
+    collective_timeout_s: float = 120.0
 
     def validate(self) -> None:
         require(self.epochs >= 1, "train.epochs must be >= 1")
+        require(self.max_nonfinite_steps >= 1,
+                f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        require(self.collective_timeout_s >= 1,
+                "train.collective_timeout_s must be >= 1 (seconds), got "
+                f"{self.collective_timeout_s}")
         require(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive negatives)")
         require(self.lr > 0, "train.lr must be > 0")
         require(self.patience >= 1, "train.patience must be >= 1")
@@ -394,12 +407,30 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _float32_number(float(value), key)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}")  # pragma: no cover
+
+
+# Every number of a config meets float32 arithmetic (weights, losses, optimizer state), where
+# magnitudes outside [1.2e-38, 3.4e38] become 0 or infinity.
+FLOAT32_SMALLEST_NORMAL = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32_number(number: float, key: str) -> float:
+    """``number`` if float32 holds it: finite, and 0 or of a normal magnitude (a temperature of
+    1e-320 is 0 in float32, its logits infinite); else ``ConfigError`` naming ``key``."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {number}")
+    if number != 0 and not FLOAT32_SMALLEST_NORMAL <= abs(number) <= FLOAT32_MAX:
+        raise ConfigError(f"{key}: {number!r} is outside float32's normal range (magnitudes "
+                          f"{FLOAT32_SMALLEST_NORMAL:.2g} to {FLOAT32_MAX:.2g}, or 0): training "
+                          "would compute with 0 or infinity in its place")
+    return number
 
 
 def typed_from_mapping(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:

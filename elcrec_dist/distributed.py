@@ -1,27 +1,44 @@
-"""Process-group wiring, kept out of the model: init, rank helpers, reductions, teardown.
+"""Process-group wiring, kept out of the model: init, rank helpers, reductions, teardown, and
+the requests to stop that reach a rank from outside (SIGTERM, its launcher gone).
 
 On CPU (DeepSpeed's CPU accelerator) the backend is gloo; on CUDA it is NCCL. A plain
 ``python launcher/train.py`` without a launcher runs as a world of one.
+
+Every collective waits at most ``timeout_s`` (``train.collective_timeout_s``) for its peers: a
+peer that hung or died makes the others fail within that time (exit 75, ``elcrec_dist.errors``)
+instead of the backend's default of many minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from elcrec_dist.processes import has_ended, launcher_ancestors
+
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init(*, local_rank: int | None = None) -> torch.device:
-    """Join (or create) the process group and return this process's device."""
+DEFAULT_TIMEOUT_S = 120.0  # train.collective_timeout_s's default
+
+
+def init(*, local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """Join (or create) the process group and return this process's device. Collectives,
+    and the rendezvous itself, fail after ``timeout_s`` seconds without their peers."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    timeout = datetime.timedelta(seconds=timeout_s)
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     present = [name for name in REQUIRED_ENV if name in os.environ]
@@ -31,14 +48,15 @@ def init(*, local_rank: int | None = None) -> torch.device:
         # MASTER_PORT 0: a child process that inherits this environment binds any free port.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0), MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
         if not dist.is_initialized():
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     elif len(present) != len(REQUIRED_ENV):
         missing = [name for name in REQUIRED_ENV if name not in os.environ]
         raise RuntimeError(f"distributed environment is incomplete: missing {', '.join(missing)}")
     if accelerator.device_name() == "cpu":
         skip_shm_allreduce_op()
     # With a group already in place DeepSpeed wraps it instead of creating one.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     lr = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
@@ -117,6 +135,15 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's (picklable) ``value``, in rank order, on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def teardown() -> None:
@@ -214,3 +241,68 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
     peak = all_reduce_max({"rss_mib": rss_mib, "cuda_mib": cuda_mib}, device)
     cuda = peak["cuda_mib"] if peak["cuda_mib"] >= 0 else None
     return {"rss_mib": peak["rss_mib"], "cuda_max_allocated_mib": cuda}
+
+
+# --- requests to stop ----------------------------------------------------------------------------
+#
+# A rank is asked to stop from outside by SIGTERM (pod deletion, preemption, the launcher passing
+# on its own signal) or by its DeepSpeed launcher disappearing (``kill`` of a bare ``deepspeed``
+# command ends the runner at once and would leave the ranks running as orphans). Either only
+# sets a flag here; the trainer folds the flag into the step's one all-reduce, so every rank
+# sees a request made on any rank at the same step, checkpoints there and exits 75.
+
+_stop_reason: str | None = None
+_stop_lock = threading.Lock()
+
+
+def request_stop(reason: str) -> None:
+    """Ask this process to stop at the next step boundary; the first reason is kept."""
+    global _stop_reason
+    with _stop_lock:
+        if _stop_reason is None:
+            _stop_reason = reason
+
+
+def stop_reason() -> str | None:
+    """Why this process was asked to stop, or None (this rank only: see ``request_stop``)."""
+    return _stop_reason
+
+
+def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    request_stop(signal.Signals(signum).name)
+
+
+class _LauncherWatch(threading.Thread):
+    """Polls the launcher processes above this rank; requests a stop when one has ended."""
+
+    def __init__(self, chain: list[Any], poll_s: float) -> None:
+        super().__init__(name="launcher-watch", daemon=True)
+        self.chain, self.poll_s = chain, poll_s
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while self.chain and not self.done.wait(self.poll_s):
+            for process in self.chain:
+                if has_ended(process):
+                    request_stop(f"launcher process {process.pid} ended")
+                    return
+
+
+@contextlib.contextmanager
+def stop_requests(*, poll_s: float = 1.0) -> Iterator[None]:
+    """Within: SIGTERM, or the end of a DeepSpeed launcher process above this rank (checked
+    every ``poll_s`` seconds), requests a stop (``stop_reason``) instead of ending the process.
+    The SIGTERM handler is installed from the main thread only (Python allows no other)."""
+    global _stop_reason
+    _stop_reason = None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    watch = _LauncherWatch(launcher_ancestors(), poll_s)
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.done.set()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -59,7 +59,8 @@ def main() -> int:
 
     data = StreamingDataset.open(config.data.path)  # manifest and footers: fails before any process group exists
     check_init_from(config, data.info, data.url)  # a model or build a warm start cannot use: exit 2
-    device = dist_utils.init(local_rank=args.local_rank)
+    device = dist_utils.init(local_rank=args.local_rank,
+                             timeout_s=config.train.collective_timeout_s)
     try:
         setup_console(main=dist_utils.is_main())
         run_dir, result = train(config, data, device=device, resume=args.resume)
