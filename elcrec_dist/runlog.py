@@ -97,6 +97,9 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
+        if "loss/total" in clean:  # a step's losses: also on the console, for `kubectl logs`
+            terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in clean.items() if k.startswith("loss/"))
+            logger.info("step %d: %s", step, terms)
         for name, value in clean.items():
             if math.isfinite(value):
                 self._writer.add_scalar(name, value, global_step=step)
@@ -145,6 +148,23 @@ class RunLogger:
     def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
         if self.enabled:
             self._writer.add_histogram(name, values, global_step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text (e.g. the resolved config) in TensorBoard's text tab."""
+        if self.enabled:
+            self._writer.add_text(tag, text, global_step=step)
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """One row of the HParams tab: the run's settings and its result metrics."""
+        if self.enabled:
+            self._writer.add_hparams(params, metrics, run_name="hparams")
+
+    def embedding(self, matrix: torch.Tensor, labels: list[list[str]], *, header: list[str],
+                  tag: str, step: int) -> None:
+        """Points [n, D] with metadata rows for TensorBoard's projector."""
+        if self.enabled:
+            self._writer.add_embedding(matrix, metadata=labels, metadata_header=header, tag=tag,
+                                       global_step=step)
 
     def close(self, *, quiet: bool = False) -> None:
         """Close both files and store them a last time (``quiet``: on the way out of a failed

@@ -21,6 +21,7 @@ from elcrec_dist.planted import read_planted
 from elcrec_dist.rundir import Folder
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
+from elcrec_dist.tracking import record_run
 from elcrec_dist.trainer.loop import FitResult, fit
 from elcrec_dist.trainer.validation import popularity_sharded
 
@@ -102,6 +103,8 @@ def finish_run(
                 summary["popularity_test"].get("NDCG@20", float("nan")))
     if "intent_recovery" in summary:
         logger.info("intent recovery: %s", json.dumps(summary["intent_recovery"]))
+    record_run(run_log, config.to_dict(), summary, model, data_url=data.url, info=data.info,
+               step=result.global_step)  # config text, hparams, norms, projector
     run_log.sync()  # the logs are complete in the run folder before results.json says "done"
     Folder(config.train.run_dir).write_text(json.dumps(summary, indent=2) + "\n", "results.json")
     return summary
