@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from elcrec_dist.errors import EXIT_OK, exit_code_for
 
 
-def config_arguments(parser: argparse.ArgumentParser) -> None:
+def config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     parser.add_argument(
-        "--config", required=True, action="append",
+        "--config", required=config_required, action="append",
         help="experiment YAML (see configs/); repeat to layer files, e.g. a dataset config then configs/variants/sasrec.yaml",
     )
     parser.add_argument(
