@@ -21,6 +21,7 @@ from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.model import ELCRec
 from elcrec_dist.runlog import RunLogger, logger, progress
 from elcrec_dist.stream import StreamingDataset
+from elcrec_dist.tracking import embedding_norms
 from elcrec_dist.trainer.engine import build_engine, init_model, run_step
 from elcrec_dist.trainer.exchange import exchange_figures
 from elcrec_dist.trainer.intents import CentreWins, centre_stats, intent_source
@@ -133,8 +134,8 @@ class Trainer:
             state.global_step, state.step_in_epoch = state.global_step + 1, step_in_epoch + 1
             seen += len(users)
             if state.global_step % train.log_every == 0:
-                self.run_log.log({**terms, **exchange_figures(self.engine), "lr": train.lr},
-                                 step=state.global_step)
+                self.run_log.log({**terms, **exchange_figures(self.engine), "lr": train.lr,
+                                  **embedding_norms(self.model)}, step=state.global_step)
             if self.mid_epoch_checkpoint_due():
                 state.centre_wins = self.wins.snapshot()
                 self.checkpointer.save(self.engine, state)
