@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,7 @@ def worker_run(args: argparse.Namespace) -> dict[str, Any]:
     step_s, figures = [], []
     batches = data.train_batches(epoch=0, rank=rank, world=world,
                                  batch_size=config.train.batch_size, seed=config.train.seed)
+    assert isinstance(batches, Generator)  # closed below: stops the read-ahead thread
     try:
         for step, users in batches:
             t0 = time.perf_counter()
@@ -243,13 +245,13 @@ def worker_run(args: argparse.Namespace) -> dict[str, Any]:
     sample = data.sample_sequences(rank=rank, world=world, count=args.infer_users,
                                    seed=config.train.seed + 2)
     idmaps = IdMaps.open(data.url, data.info)
-    users = 0
+    scored = 0
     for start in range(0, len(sample), config.eval.batch_size):
         chunk = sample.sequences[start : start + config.eval.batch_size]
         result = infer_batch(model, chunk, k=20, tile_items=config.eval.tile_items)
         idmaps.items(result.items[result.items > 0])  # the original ids, as infer.py writes
-        users += len(chunk)
-    out["infer"] = {"users": users, "k": 20}
+        scored += len(chunk)
+    out["infer"] = {"users": scored, "k": 20}
     peaks.end()
 
     out["stages"] = peaks.stages
