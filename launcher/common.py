@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
-from elcrec_dist.errors import EXIT_OK, exit_code_for
+from elcrec_dist.errors import EXIT_BUG, EXIT_OK, failure_of
 
 
 def config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
@@ -30,7 +30,9 @@ def print_json_line(payload: Mapping[str, object]) -> None:
 
 
 def run_main(main: Callable[[], int], *, hard_exit: bool = False) -> None:
-    """Run ``main`` and exit with the documented code for whatever it raised.
+    """Run ``main`` and exit with the documented code for whatever it raised
+    (``elcrec_dist.errors.failure_of``): a known failure family prints one line, ``error: ...``,
+    and exits 2 or 75; anything else is a bug and keeps its traceback (exit 1).
 
     ``hard_exit`` ends the process with ``os._exit`` once output is flushed, skipping the
     interpreter's shutdown: there, Arrow's I/O threads can drop the last reference to a Python
@@ -43,10 +45,11 @@ def run_main(main: Callable[[], int], *, hard_exit: bool = False) -> None:
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        code = exit_code_for(exc)
-        if code == 1:
+        failure = failure_of(exc)
+        if failure.code == EXIT_BUG:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {failure.message}", file=sys.stderr)
+        code = failure.code
     code = code if code is not None else EXIT_OK
     if hard_exit:
         sys.stdout.flush()

@@ -12,9 +12,11 @@ master's name resolves, writes a DeepSpeed hostfile and runs
 
 so that DeepSpeed's per-node launcher starts this node's ranks with RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT set; nothing is reached over ssh. SIGTERM/SIGINT (pod deletion,
-preemption) are passed to the whole process group. The exit code is the training's: 0, 2
-(permanent: bad config or data, or a bad cluster environment here) or 75 (retryable: a lost peer,
-storage trouble, a master whose name never resolved).
+preemption) are passed to the ranks themselves (before they exist, to the whole process group):
+each rank checkpoints at its next step and exits 75, and DeepSpeed's launchers, left running,
+report that code. The exit code is the training's: 0, 2 (permanent: bad config or data, or a
+bad cluster environment here) or 75 (retryable: a lost peer, storage trouble, a preemption, a
+master whose name never resolved). The temporary hostfile folder is removed on every exit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +34,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
+from elcrec_dist.processes import ranks_below
 from launcher.cluster_env import ClusterSpec, detect, wait_for_master
 from launcher.common import run_main
 
@@ -72,8 +78,15 @@ def run_node(spec: ClusterSpec, command: Sequence[str], *, env: Mapping[str, str
     child = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
+        # to the ranks, not to DeepSpeed's launchers: a signalled launcher exits at once (the
+        # runner) or SIGKILLs the ranks 30 s later (launch), either way not with their code
+        ranks = ranks_below(child.pid)
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.send_signal(signum)
+        if not ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -103,16 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({**plan(spec, command), "hostfile": spec.hostfile()}, indent=2))
         return 0
     hostfile = Path(tempfile.mkdtemp(prefix="elcrec-node-")) / "hostfile"
-    command = launch_command(spec, hostfile=str(hostfile), module=args.module, train_args=train_args)
-    print(
-        f"elcrec entrypoint: {spec.source} node {spec.node_rank}/{spec.num_nodes}, "
-        f"{spec.procs_per_node} process(es) per node, world size {spec.world_size}, "
-        f"master {spec.master_name} -> {spec.master_addr}:{spec.master_port}",
-        file=sys.stderr, flush=True,
-    )
-    wait_for_master(spec, timeout_s=args.master_wait_s)
-    hostfile.write_text(spec.hostfile())
-    return run_node(spec, command, env=os.environ)
+    try:
+        command = launch_command(spec, hostfile=str(hostfile), module=args.module,
+                                 train_args=train_args)
+        print(
+            f"elcrec entrypoint: {spec.source} node {spec.node_rank}/{spec.num_nodes}, "
+            f"{spec.procs_per_node} process(es) per node, world size {spec.world_size}, "
+            f"master {spec.master_name} -> {spec.master_addr}:{spec.master_port}",
+            file=sys.stderr, flush=True,
+        )
+        wait_for_master(spec, timeout_s=args.master_wait_s)
+        hostfile.write_text(spec.hostfile())
+        return run_node(spec, command, env=os.environ)
+    finally:
+        shutil.rmtree(hostfile.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
