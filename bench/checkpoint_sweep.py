@@ -29,10 +29,11 @@ from elcrec_dist.config import ConfigError, load_config
 from elcrec_dist.evaluation import evaluate
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
+from elcrec_dist.rundir import Folder
 from launcher.common import config_arguments, print_json_line, run_main
 
 
-def complete_checkpoints(run_dir: Path) -> list[tuple[Path, int, int]]:
+def complete_checkpoints(run_dir: Path) -> list[tuple[Folder, int, int]]:
     """(folder, epoch, global step) of every complete checkpoint, oldest first.
 
     ``epoch`` is the epoch the checkpoint's data cursor is in; a checkpoint written at the end

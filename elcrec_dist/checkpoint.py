@@ -17,19 +17,20 @@ count: ``latest_checkpoint`` skips it and a later save prunes it.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import json
-import os
-import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.errors import PermanentError
+from elcrec_dist.rundir import FileRecord, Folder, StorageError, scratch
 from elcrec_dist.runlog import logger
 
 COMMIT_NAME = "COMMITTED.json"
@@ -78,47 +79,50 @@ def tag_of(global_step: int) -> str:
     return f"step-{global_step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _is_checkpoint_file(relative: str) -> bool:
+    name = relative.rsplit("/", 1)[-1]
+    return name != COMMIT_NAME and not name.endswith(".tmp") and ".tmp-" not in name
 
 
-def _files_of(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME and not p.name.endswith(".tmp"))
-
-
-def commit(folder: Path, *, state: TrainState, config: dict[str, Any], dataset: dict[str, Any] | None = None) -> None:
+def commit(folder: str | Path | Folder, *, state: TrainState, config: dict[str, Any],
+           dataset: dict[str, Any] | None = None, files: list[FileRecord] | None = None) -> None:
     """Write ``COMMITTED.json`` (files, sizes, sha256, state, config, the dataset's fingerprint)
-    last, atomically. Rank 0 only."""
-    files = [
-        {"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _files_of(folder)
-    ]
-    payload: dict[str, Any] = {"format": FORMAT, "state": state.to_dict(), "config": config, "files": files}
+    last, whole. ``files``: the records of what was uploaded and checked (an object store);
+    None hashes every file in the folder (a local or mounted one). Rank 0 only."""
+    folder = Folder.of(folder)
+    if files is None:
+        files = [FileRecord(rel, size, folder.sha256(rel))
+                 for rel, size in folder.files().items() if _is_checkpoint_file(rel)]
+    payload: dict[str, Any] = {"format": FORMAT, "state": state.to_dict(), "config": config,
+                               "files": [f.to_dict() for f in sorted(files, key=lambda f: f.path)]}
     if dataset is not None:
         payload["dataset"] = dataset
-    tmp = folder / (COMMIT_NAME + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, folder / COMMIT_NAME)
+    folder.write_text(json.dumps(payload, indent=2) + "\n", COMMIT_NAME)
 
 
-def verify(folder: Path) -> dict[str, Any] | None:
-    """The commit record of a complete checkpoint, or None if it is incomplete or changed."""
-    marker = folder / COMMIT_NAME
-    if not marker.is_file():
-        return None
+def _read_record(folder: Folder) -> dict[str, Any] | None:
+    """The commit record of ``folder`` as written, or None if absent or not one."""
     try:
-        payload = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+        payload = json.loads(folder.read_bytes(COMMIT_NAME))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if payload.get("format") != FORMAT:
+    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+
+
+def recorded_files(record: dict[str, Any]) -> list[FileRecord]:
+    return [FileRecord(e["path"], int(e["bytes"]), e["sha256"]) for e in record.get("files", [])]
+
+
+def verify(folder: str | Path | Folder) -> dict[str, Any] | None:
+    """The commit record of a complete checkpoint, or None if it is incomplete or changed
+    (a file missing, of another size, or with another sha256 than recorded)."""
+    folder = Folder.of(folder)
+    payload = _read_record(folder)
+    if payload is None:
         return None
-    for entry in payload.get("files", []):
-        path = folder / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+    sizes = folder.files()
+    for entry in recorded_files(payload):
+        if sizes.get(entry.path) != entry.bytes or folder.sha256(entry.path) != entry.sha256:
             return None
     return payload
 
@@ -171,7 +175,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
     return ConfigChanges(changed, sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()))
 
 
-def _refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
+def _refuse_changed_config(folder: Folder | Path, changes: ConfigChanges) -> None:
     if changes.changed:
         listed = "; ".join(f"{key}: {before!r} in the checkpoint, {after!r} now" for key, (before, after) in changes.changed.items())
         raise CheckpointError(
@@ -181,7 +185,7 @@ def _refuse_changed_config(folder: Path, changes: ConfigChanges) -> None:
 
 
 def check_resume(
-    folder: Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any], world: int
+    folder: Folder | Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any], world: int
 ) -> ConfigChanges:
     """Raise ``CheckpointError`` if resuming from ``folder`` (commit ``record``) would change what
     the run computes: another number of ranks (each rank's data shard and optimizer partition),
@@ -205,28 +209,24 @@ def check_resume(
     return changes
 
 
-def newest_record(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def newest_record(run_dir: str | Path | Folder) -> tuple[Folder, dict[str, Any]] | None:
     """The newest checkpoint's commit record, without verifying its files (cheap, for checks made
     before anything is loaded; ``latest_checkpoint`` verifies before anything is restored)."""
     for folder in checkpoint_folders(run_dir):
-        try:
-            payload = json.loads((folder / COMMIT_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        payload = _read_record(folder)
+        if payload is not None:
             return folder, payload
     return None
 
 
-def checkpoint_folders(run_dir: Path) -> list[Path]:
+def checkpoint_folders(run_dir: str | Path | Folder) -> list[Folder]:
     """Every ``step-N`` folder under ``run_dir/checkpoints``, newest first, complete or not."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+    root = Folder.of(run_dir).child(CHECKPOINTS)
+    return sorted((f for f in root.folders() if f.name.startswith("step-")),
+                  key=lambda f: f.name, reverse=True)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(run_dir: str | Path | Folder) -> tuple[Folder, dict[str, Any]] | None:
     """The newest complete checkpoint under ``run_dir`` and its commit record."""
     for folder in checkpoint_folders(run_dir):
         record = verify(folder)
@@ -235,7 +235,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def prune(run_dir: Path, *, keep: int) -> None:
+def prune(run_dir: str | Path | Folder, *, keep: int) -> None:
     """Keep the ``keep`` newest complete checkpoints; remove older and incomplete ones.
 
     Call it only while no rank is writing a checkpoint (rank 0, after the save's barrier, or
@@ -243,27 +243,41 @@ def prune(run_dir: Path, *, keep: int) -> None:
     """
     kept = 0
     for folder in checkpoint_folders(run_dir):
-        if (folder / COMMIT_NAME).is_file() and kept < keep:
+        if folder.exists(COMMIT_NAME) and kept < keep:
             kept += 1
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.remove()
 
 
-def save_model(path: str | Path, *, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write {model state, resolved config, meta} to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+def save_model(path: str | Path, *, state: dict[str, torch.Tensor], config: dict[str, Any],
+               meta: dict[str, Any]) -> None:
+    """Write {model state, resolved config, meta} to ``path`` (a local path or URL), whole."""
+    parent, name = _split(path)
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()}, "config": config, "meta": meta}
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    parent.write_bytes(buffer.getvalue(), name)
+
+
+def _split(path: str | Path) -> tuple[Folder, str]:
+    """The folder holding the file at ``path`` and the file's name."""
+    text = str(path).rstrip("/")
+    head, _, name = text.rpartition("/")
+    return Folder(head if head else "."), name
+
+
+def _load_weights_only(data: bytes) -> Any:
+    # weights_only: a file in a run folder may have been written by anyone who can write there
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_model(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    parent, name = _split(path)
+    try:
+        data = parent.read_bytes(name)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    payload = _load_weights_only(data)
     if not isinstance(payload, dict) or not {"model", "config", "meta"} <= set(payload):
         raise CheckpointError(f"{path}: not an elcrec-dist model checkpoint")
     return payload
@@ -273,25 +287,27 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of module weight
 OBJECTIVE_PREFIX = "model."  # the engine wraps the model as ``ELCRecObjective.model``
 
 
-def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_model_weights(path: str | Path | Folder) -> dict[str, torch.Tensor]:
     """The model's weights from a model file (``best_model.pt``) or a committed training
-    checkpoint folder (``RUN/checkpoints/step-N``), named like ``ELCRec.state_dict()``, fp32.
+    checkpoint folder (``RUN/checkpoints/step-N``), local or a URL, named like
+    ``ELCRec.state_dict()``, fp32.
 
     A folder counts only when its manifest verifies (``verify``). Under bf16 its module weights
     are DeepSpeed's bf16 working copy, not the fp32 master partition, so they are rounded.
     """
-    path = Path(path)
-    if path.is_dir():
-        if verify(path) is None:
-            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)")
-        states = path / MODEL_STATES
-        if not states.is_file():
-            raise CheckpointError(f"{path}: the checkpoint has no {MODEL_STATES}")
-        module = torch.load(states, map_location="cpu", weights_only=True).get("module")
-        if not isinstance(module, dict) or not all(k.startswith(OBJECTIVE_PREFIX) for k in module):
-            raise CheckpointError(f"{states}: no module weights named {OBJECTIVE_PREFIX}*")
-        return {k[len(OBJECTIVE_PREFIX):]: v.float() for k, v in module.items()}
-    return {k: v.float() for k, v in load_model(path)["model"].items()}
+    folder = Folder.of(path)
+    if not folder.is_dir():
+        return {k: v.float() for k, v in load_model(str(path))["model"].items()}
+    if verify(folder) is None:
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)")
+    try:
+        states = _load_weights_only(folder.read_bytes(MODEL_STATES))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: the checkpoint has no {MODEL_STATES}") from None
+    module = states.get("module") if isinstance(states, dict) else None
+    if not isinstance(module, dict) or not all(k.startswith(OBJECTIVE_PREFIX) for k in module):
+        raise CheckpointError(f"{folder.show(MODEL_STATES)}: no module weights named {OBJECTIVE_PREFIX}*")
+    return {k[len(OBJECTIVE_PREFIX):]: v.float() for k, v in module.items()}
 
 
 BEST_MODEL = "best_model.pt"
@@ -299,27 +315,37 @@ BEST_MODEL = "best_model.pt"
 
 @dataclass(frozen=True)
 class Restored:
-    """The checkpoint a resumed run continues from: its folder and training state."""
+    """The checkpoint a resumed run continues from: its folder, training state and files."""
 
-    folder: Path
+    folder: Folder
     state: TrainState
+    files: tuple[FileRecord, ...] = ()
 
 
 class Checkpointer:
     """One run folder's checkpoints: the resumability checks, restore, save (commit record
-    last), prune, and the best model file. Collective methods are called by every rank; files
-    are written and removed by rank 0 only.
+    last), prune, and the best model file. Collective methods are called by every rank; shared
+    files (commit records, the best model) are written and removed by rank 0 only.
+
+    The run folder is a ``Folder``: a local (or mounted) path, where the engine reads and writes
+    its files in place, or an object-store URL, where each rank's engine writes into a local
+    scratch folder that the rank uploads and checks (size and sha256 of what landed); rank 0
+    commits once every rank's files have landed. A resume downloads the committed files,
+    checked against the record, into a scratch folder for the engine to load.
 
     ``config`` is the run's resolved config and ``dataset`` the dataset's fingerprint
     (``DatasetInfo.fingerprint()``): both go into every commit record, and a resume is checked
-    against them.
+    against them. ``before_commit`` runs on rank 0 just before a commit record is written (the
+    run log stores its files there, so that a resumed run finds every row up to its step).
     """
 
-    def __init__(self, run_dir: str | Path, *, config: ExperimentConfig, dataset: dict[str, Any]) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path | Folder, *, config: ExperimentConfig, dataset: dict[str, Any],
+                 before_commit: Callable[[], None] | None = None) -> None:
+        self.run_dir = Folder.of(run_dir)
         self.config = config
         self.dataset = dataset
-        self.best_path = self.run_dir / BEST_MODEL
+        self.before_commit = before_commit
+        self.best_path = self.run_dir.show(BEST_MODEL)
 
     def check_resumable(self) -> None:
         """Refuse, before anything in the run folder is written, a resume that would change
@@ -343,10 +369,9 @@ class Checkpointer:
         """The newest complete checkpoint to resume from, as rank 0 chose it (every rank gets
         the same), checked against this run's config, dataset and ranks. ``resume``: None
         starts afresh; ``"required"`` raises if there is none; ``"auto"`` returns None then."""
-        found = latest_checkpoint(self.run_dir) if resume and dist_utils.is_main() else None
-        found = dist_utils.broadcast_object(found)
+        found = _rank_zero(lambda: latest_checkpoint(self.run_dir) if resume else None)
         if resume == "required" and found is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {self.run_dir / CHECKPOINTS}")
+            raise CheckpointError(f"--resume: no complete checkpoint under {self.run_dir.show(CHECKPOINTS)}")
         if found is None:
             return None
         folder, committed = found
@@ -357,37 +382,127 @@ class Checkpointer:
                            folder, ", ".join(changes.unrecorded))
         if changes.dropped and dist_utils.is_main():
             logger.warning("%s records %s, which this version no longer has", folder, ", ".join(changes.dropped))
-        return Restored(folder, TrainState.from_dict(committed["state"]))
+        return Restored(folder, TrainState.from_dict(committed["state"]), tuple(recorded_files(committed)))
 
     def load(self, engine: Any, restored: Restored) -> None:
         """Restore the engine (model, optimizer partitions) from ``restored``; then drop the
         partial saves a killed run may have left (rank 0, after every rank has read)."""
-        folder = restored.folder
-        engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
-        dist_utils.barrier()
-        if dist_utils.is_main():
-            prune(self.run_dir, keep=self.config.train.keep_checkpoints)
+        with local_copy(restored) as local:
+            engine.load_checkpoint(str(local.parent), tag=local.name, load_lr_scheduler_states=False)
+        _rank_zero(lambda: prune(self.run_dir, keep=self.config.train.keep_checkpoints))
 
     def save(self, engine: Any, state: TrainState) -> None:
-        """Every rank writes its engine state; after a barrier rank 0 commits (record last) and
-        prunes to ``train.keep_checkpoints``."""
-        folder = self.run_dir / CHECKPOINTS / tag_of(state.global_step)
-        engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={}, save_latest=False)
-        dist_utils.barrier()
-        if dist_utils.is_main():
-            commit(folder, state=state, config=self.config.to_dict(), dataset=self.dataset)
+        """Every rank writes its engine state and makes sure it landed; then rank 0 commits
+        (record last) and prunes to ``train.keep_checkpoints``. A storage failure on any rank
+        raises ``StorageError`` on every rank, with nothing committed."""
+        folder = self.run_dir.child(CHECKPOINTS, tag_of(state.global_step))
+        if folder.local:
+            engine.save_checkpoint(str(folder.local_path().parent), tag=folder.name, client_state={},
+                                   save_latest=False)
+            dist_utils.barrier()
+            files = None  # rank 0 hashes the shared folder
+        else:
+            with scratch("elcrec-save-") as local:
+                engine.save_checkpoint(str(local), tag=folder.name, client_state={}, save_latest=False)
+                uploaded = _every_rank(lambda: _upload_tree(local / folder.name, folder))
+            files = [record for records in uploaded for record in records]
+            duplicated = sorted({f.path for f in files if sum(g.path == f.path for g in files) > 1})
+            if duplicated:
+                raise CheckpointError(f"{folder}: ranks wrote the same files {duplicated}")
+
+        def commit_and_prune() -> None:
+            if self.before_commit is not None:
+                self.before_commit()
+            commit(folder, state=state, config=self.config.to_dict(), dataset=self.dataset, files=files)
             prune(self.run_dir, keep=self.config.train.keep_checkpoints)
-        dist_utils.barrier()
+
+        _rank_zero(commit_and_prune)
 
     def save_best(self, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-        """The best weights so far, with the config and ``meta`` (rank 0)."""
-        if dist_utils.is_main():
-            save_model(self.best_path, state=model.state_dict(), config=self.config.to_dict(), meta=meta)
+        """The best weights so far, with the config and ``meta`` (rank 0 writes; collective, so
+        that a failed write stops every rank)."""
+        _rank_zero(lambda: save_model(self.best_path, state=model.state_dict(),
+                                      config=self.config.to_dict(), meta=meta))
 
     def load_best(self, model: torch.nn.Module) -> bool:
-        """Load the best weights into ``model`` if a best model was saved (the run folder is
-        shared by every rank); returns whether it was."""
-        if not self.best_path.exists():
+        """Load the best weights into ``model`` if a best model was saved (every rank reads the
+        run folder's file); returns whether it was."""
+        if not self.run_dir.exists(BEST_MODEL):
             return False
         model.load_state_dict(load_model(self.best_path)["model"])
         return True
+
+
+@contextlib.contextmanager
+def local_copy(restored: Restored) -> Iterator[Path]:
+    """The restored checkpoint's files on this rank's local disk, where the engine reads them:
+    a local run folder's checkpoint itself, or a scratch copy of an object-store one, each file
+    checked against the commit record as it arrives (removed afterwards). Collective."""
+    folder = restored.folder
+    if folder.local:
+        yield folder.local_path()
+        return
+    with scratch("elcrec-restore-") as local:
+        _every_rank(lambda: _download_tree(folder, restored.files, local / folder.name))
+        yield local / folder.name
+
+
+def _download_tree(folder: Folder, files: tuple[FileRecord, ...], local: Path) -> None:
+    """Copy the recorded ``files`` of ``folder`` into ``local``, each checked against its record."""
+    for record in files:
+        folder.download(record.path, local / record.path, expect=record)
+
+
+def _upload_tree(local: Path, folder: Folder) -> list[FileRecord]:
+    """Upload every file under ``local`` to the same relative path in ``folder``; their records."""
+    return [folder.upload(path, path.relative_to(local).as_posix())
+            for path in sorted(local.rglob("*")) if path.is_file()]
+
+
+T = TypeVar("T")
+
+
+def _every_rank(work: Callable[[], T]) -> list[T]:
+    """Run ``work`` on every rank and return every rank's value, in rank order, on every rank.
+    If it fails with a storage or checkpoint error on any rank, every rank raises (the first
+    failure's kind, every failure's message): no rank is left waiting in a collective for one
+    that gave up. Collective."""
+    try:
+        outcome: tuple[Any, tuple[str, str] | None] = (work(), None)
+    except (StorageError, CheckpointError) as exc:
+        outcome = (None, (type(exc).__name__, f"rank {dist_utils.rank()}: {exc}"))
+    outcomes = _gather(outcome)
+    _raise_any([problem for _, problem in outcomes])
+    return [value for value, _ in outcomes]
+
+
+def _rank_zero(work: Callable[[], T]) -> T | None:
+    """Run ``work`` on rank 0 and return its value on every rank; a storage or checkpoint error
+    there is raised on every rank. Collective."""
+    outcome: tuple[Any, tuple[str, str] | None] = (None, None)
+    if dist_utils.is_main():
+        try:
+            outcome = (work(), None)
+        except (StorageError, CheckpointError) as exc:
+            outcome = (None, (type(exc).__name__, str(exc)))
+    value, problem = dist_utils.broadcast_object(outcome)
+    _raise_any([problem])
+    return value
+
+
+def _raise_any(problems: list[tuple[str, str] | None]) -> None:
+    found = [p for p in problems if p is not None]
+    if found:
+        kind = CheckpointError if found[0][0] == CheckpointError.__name__ else StorageError
+        raise kind("; ".join(message for _, message in found))
+
+
+def _gather(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank. Collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist_utils.world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist_utils.world_size()
+    dist.all_gather_object(out, value)
+    return out

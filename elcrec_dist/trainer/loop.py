@@ -53,7 +53,7 @@ class Trainer:
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.intents = intent_source(config.model.intents)
         self.checkpointer = Checkpointer(config.train.run_dir, config=config,
-                                         dataset=data.info.fingerprint())
+                                         dataset=data.info.fingerprint(), before_commit=run_log.sync)
         self.state = TrainState(world_size=self.world)
         self.model: ELCRec
         self.engine: Any
