@@ -26,10 +26,12 @@ Storage faults
     botocore's ``standard`` retry mode, at most ``AWS_MAX_ATTEMPTS`` attempts per request
     (default ``DEFAULT_ATTEMPTS``), on throttling (503 SlowDown), 5xx answers and broken or
     refused connections, waiting a random 0..2^(n-1) s before retry n (at most 20 s; botocore's
-    backoff, not configurable); connect timeout ``CONNECT_TIMEOUT_S``, read timeout
-    ``READ_TIMEOUT_S``. s3fs's own retry loop around a call is set to one pass, so the budget
-    is exactly that many attempts, not a product of two loops. Past the budget a storage call
-    raises ``StorageError`` (exit 75: rerunning the job may succeed), and nothing is committed.
+    backoff, not configurable; its retry quota may stop retrying sooner in a long outage);
+    connect timeout ``CONNECT_TIMEOUT_S``, read timeout ``READ_TIMEOUT_S``. s3fs's own retry
+    loop around a call is set to one pass, so the budget is exactly that many attempts, not a
+    product of two loops (a response body that breaks off mid-read is therefore not re-read: it
+    fails the call). Past the budget a storage call raises ``StorageError`` (exit 75: rerunning
+    the job may succeed), and nothing is committed.
 
 Endpoint and credentials come only from the environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...; on Kubernetes from a Secret), never from a config file.
