@@ -29,6 +29,7 @@ import hashlib
 import io
 import math
 import posixpath
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class TrainedModel:
 
     model: ELCRec
     config: ExperimentConfig
-    path: Path  # the model file
+    path: str  # the model file (a local path or a URL)
     sha256: str
     meta: dict[str, Any]
 
@@ -89,13 +90,32 @@ def model_file(run: str | Path) -> Path:
     return path
 
 
+def _fetched(url: str, into: Path) -> Path:
+    """The model file of a run folder (or model file) in object storage, copied to ``into``."""
+    source = url if url.endswith(".pt") else f"{url.rstrip('/')}/{BEST_MODEL}"
+    fs, path = fsspec.core.url_to_fs(source)
+    if not fs.exists(path):
+        raise CheckpointError(f"{url}: no model file (expected {BEST_MODEL} in the run folder)")
+    target = into / BEST_MODEL
+    fs.get_file(path, str(target))
+    return target
+
+
 def load_trained(run: str | Path) -> TrainedModel:
-    """The model of a run folder (or model file) with its own stored config, in eval mode.
+    """The model of a run folder (or model file), local or in object storage, with its own
+    stored config, in eval mode.
 
     No ``--config`` is needed or taken: a config that does not fit the weights cannot be
     given by mistake. A file whose config or tensors do not fit each other is a
     ``CheckpointError`` naming the mismatch."""
-    path = model_file(run)
+    if "://" in str(run):
+        with tempfile.TemporaryDirectory(prefix="elcrec-model-") as tmp:
+            trained = _load_trained(_fetched(str(run), Path(tmp)))
+        return TrainedModel(trained.model, trained.config, str(run), trained.sha256, trained.meta)
+    return _load_trained(model_file(run))
+
+
+def _load_trained(path: Path) -> TrainedModel:
     payload = load_model(path)
     config = config_from_dict(payload["config"])
     state = {k: v.float() for k, v in payload["model"].items()}
@@ -114,10 +134,10 @@ def load_trained(run: str | Path) -> TrainedModel:
             )
     model.load_state_dict(state)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TrainedModel(model.eval(), config, path, digest, dict(payload["meta"]))
+    return TrainedModel(model.eval(), config, str(path), digest, dict(payload["meta"]))
 
 
-def check_catalogue(model: ELCRec, info: DatasetInfo, *, data: str, source: Path) -> None:
+def check_catalogue(model: ELCRec, info: DatasetInfo, *, data: str, source: str) -> None:
     """The dataset's items must be the model's: the same count (ids 1..N)."""
     if model.num_items != info.num_items:
         raise CatalogueError(

@@ -142,6 +142,7 @@ class OutputFolder:
         }
         self.put_bytes(MANIFEST, _json_bytes(manifest))
         listed = {f.path for f in files} | {MANIFEST}
+        self.fs.invalidate_cache(self.root)  # an object store's listing may predate the writes
         for name in self._entries():
             if name not in listed:
                 self.fs.rm(self.path(name))

@@ -199,17 +199,25 @@ def test_original_ids_come_from_the_datasets_id_maps(tmp_path: Path) -> None:
         assert row["items"] == [item_of[i] for i in naive_top_k(scores, set(seq.tolist()), 5)]
 
 
-def test_output_to_s3_equals_the_local_output(trained_run: Path, dataset: Path, tmp_path: Path,
+def test_model_and_output_in_s3_equal_the_local_output(trained_run: Path, dataset: Path, tmp_path: Path,
                                              s3_env: str) -> None:
     import os
 
     local = tmp_path / "local"
     last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output",
                   str(local), "--shard-users", "250"))
+    # the run folder in the bucket too (a trainer may write it there)
+    import fsspec
+
+    fsspec.filesystem("s3").put_file(str(trained_run / "best_model.pt"),
+                                     f"{s3_env}/run/best_model.pt")
     url = f"s3://{s3_env}/recs"
-    last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output", url,
-                  "--shard-users", "250", env=dict(os.environ)))
+    last_json(run("launcher/infer.py", f"s3://{s3_env}/run", "--data", str(dataset), "--output",
+                  url, "--shard-users", "250", env=dict(os.environ)))
     assert read_recommendations(url).equals(read_recommendations(str(local)))
+    listed = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("s3").find(f"{s3_env}/recs"))
+    assert listed == ["manifest.json", "part-00000-of-00003.parquet",
+                      "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]
 
 
 def test_refusals_exit_2_and_write_nothing(trained_run: Path, dataset: Path, tmp_path: Path) -> None:
