@@ -19,7 +19,7 @@ from launch import deepspeed_command, deepspeed_env
 from test_prep_reference import build, events_csv
 
 from data_prep.synthetic import SyntheticSpec
-from elcrec_dist.checkpoint import save_model
+from elcrec_dist.checkpoint import CheckpointError, save_model
 from elcrec_dist.config import load_config
 from elcrec_dist.data import left_pad
 from elcrec_dist.evaluation import metric_sums
@@ -246,3 +246,16 @@ def test_refusals_exit_2_and_write_nothing(trained_run: Path, dataset: Path, tmp
                "--k", "7")
     assert proc.returncode == 2 and "another request" in proc.stderr
     assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+
+
+def test_a_model_file_whose_config_does_not_fit_its_weights_is_refused(tmp_path: Path) -> None:
+    config = load_config("configs/demo.yaml", ["model.num_clusters=6"])
+    model = ELCRec(config.model, num_items=30)
+    wrong = load_config("configs/demo.yaml", ["model.num_clusters=8"])
+    save_model(tmp_path / "run" / "best_model.pt", state=model.state_dict(), config=wrong.to_dict(),
+               meta={})
+    with pytest.raises(CheckpointError, match=r"cluster_centers is \(6, 64\).*\(8, 64\)"):
+        load_trained(tmp_path / "run")
+    proc = run("launcher/infer.py", str(tmp_path / "run"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "cluster_centers" in proc.stderr
+    assert not (tmp_path / "out").exists()
