@@ -18,10 +18,13 @@ gradient is exactly zero outside those rows, so exchanging them alone sums to th
   row counts every rank has gathered, so every rank decides the same); at stages 1 and 2,
   ``dense``.
 
-Why not DeepSpeed's own ``sparse_gradients``: it needs natively sparse gradients
-(``nn.Embedding(sparse=True)``) and leaves a sparse COO gradient that torch's Adam refuses. The
-table here is tied: looked up by ``nn.Embedding`` for the inputs and indexed directly for the
-next-item scores of targets and negatives, so its gradient is dense anyway.
+Why not DeepSpeed's own sparse path: DeepSpeed 0.19.8 reduces sparsely only gradients that are
+natively sparse (``nn.Embedding(sparse=True)``; its ``sparse_gradients`` flag, which compressed
+dense embedding gradients, was removed and is ignored with a warning), and it leaves a sparse
+COO gradient that torch's Adam refuses ("Adam does not support sparse gradients"). The table
+here is tied: looked up by ``nn.Embedding`` for the inputs and indexed directly for the
+next-item scores of targets and negatives, so even with ``sparse=True`` autograd accumulates a
+dense gradient (checked: the lookup's sparse part plus the indexing's dense part is strided).
 
 Exactness. Per element, DeepSpeed's path is ``all_reduce(sum)`` then ``mul_(predivide / world)``
 (``DeepSpeedEngine.allreduce_bucket``). Here a row's sum is ``((0 + g_0) + g_1) + ...`` in rank
