@@ -18,8 +18,11 @@ count: ``latest_checkpoint`` skips it and a later save prunes it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
-from elcrec_dist.errors import PermanentError
+from elcrec_dist.errors import PermanentError, one_line
 from elcrec_dist.rundir import FileRecord, Folder, StorageError, scratch
 from elcrec_dist.runlog import logger
 
@@ -113,18 +116,46 @@ def recorded_files(record: dict[str, Any]) -> list[FileRecord]:
     return [FileRecord(e["path"], int(e["bytes"]), e["sha256"]) for e in record.get("files", [])]
 
 
+INCOMPLETE = f"no {COMMIT_NAME} (a save that did not finish)"
+
+
+def problem_of(folder: str | Path | Folder) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a complete checkpoint; else ``(record or None, why)``, where ``why``
+    says what is wrong: no commit record (a save that did not finish), an unreadable one, or a
+    file missing, of another size, or with another sha256 than recorded (damaged or changed).
+    A storage failure while reading raises (``StorageError``): it says nothing of the files."""
+    folder = Folder.of(folder)
+    try:
+        text = folder.read_bytes(COMMIT_NAME)
+    except FileNotFoundError:
+        return None, INCOMPLETE
+    try:
+        payload = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"{COMMIT_NAME} is not valid JSON ({exc})"
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return None, f"{COMMIT_NAME} is not an {FORMAT} record"
+    sizes = folder.files()
+    try:
+        files = recorded_files(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        return payload, f"{COMMIT_NAME} lists its files wrongly ({exc!r})"
+    for entry in files:
+        size = sizes.get(entry.path)
+        if size is None:
+            return payload, f"{entry.path} is missing"
+        if size != entry.bytes:
+            return payload, f"{entry.path} has {size} bytes, the record says {entry.bytes}"
+        if folder.sha256(entry.path) != entry.sha256:
+            return payload, f"{entry.path} has another sha256 than the record (damaged or changed)"
+    return payload, None
+
+
 def verify(folder: str | Path | Folder) -> dict[str, Any] | None:
     """The commit record of a complete checkpoint, or None if it is incomplete or changed
-    (a file missing, of another size, or with another sha256 than recorded)."""
-    folder = Folder.of(folder)
-    payload = _read_record(folder)
-    if payload is None:
-        return None
-    sizes = folder.files()
-    for entry in recorded_files(payload):
-        if sizes.get(entry.path) != entry.bytes or folder.sha256(entry.path) != entry.sha256:
-            return None
-    return payload
+    (``problem_of`` says why)."""
+    record, problem = problem_of(folder)
+    return record if problem is None else None
 
 
 # Config keys a resumed run may change: where the data and the run folder are, how long to train,
@@ -134,13 +165,15 @@ def verify(folder: str | Path | Folder) -> dict[str, Any] | None:
 # value would continue one run under another run's settings, so it is refused.
 # deepspeed.item_exchange changes how the item table's gradient travels, not what it sums to: on
 # 2 ranks bitwise the same update; on 3 or more only the order of float additions, as the
-# bucket sizes change it. The sampled metrics add reported numbers and select nothing.
+# bucket sizes change it. The sampled metrics add reported numbers and select nothing. How many
+# non-finite steps a run tolerates and how long a collective waits for a peer decide when a
+# run stops, not what it computes (a preempted run may resume with a longer timeout).
 RESUMABLE_KEYS = frozenset({
     "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
     "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
     "deepspeed.overlap_comm", "deepspeed.item_exchange", "eval.sampled_negatives",
-    "eval.sampled_distribution",
+    "eval.sampled_distribution", "train.max_nonfinite_steps", "train.collective_timeout_s",
 })
 
 
@@ -227,25 +260,91 @@ def checkpoint_folders(run_dir: str | Path | Folder) -> list[Folder]:
 
 
 def latest_checkpoint(run_dir: str | Path | Folder) -> tuple[Folder, dict[str, Any]] | None:
-    """The newest complete checkpoint under ``run_dir`` and its commit record."""
+    """The newest complete checkpoint under ``run_dir`` and its commit record, or None for a
+    fresh run folder. Each newer folder passed over is logged with what is wrong with it.
+
+    Raises ``CheckpointError`` when the newest complete checkpoint holds a pickle that a
+    weights-only load refuses (``refuse_unsafe_pickles``), and when no checkpoint is usable
+    but the folder has a history: a committed checkpoint that is now damaged, or logged
+    training steps. Starting afresh there would lay a second history over the first (and
+    ``--resume auto`` would do it silently), so the run folder is left for a person to look at.
+    """
+    run_dir = Folder.of(run_dir)
+    damaged: list[str] = []
     for folder in checkpoint_folders(run_dir):
-        record = verify(folder)
-        if record is not None:
+        record, problem = problem_of(folder)
+        if problem is None and record is not None:
+            refuse_unsafe_pickles(folder, record)
             return folder, record
+        logger.warning("checkpoint %s is not usable: %s; trying an older one", folder, problem)
+        if problem != INCOMPLETE:
+            damaged.append(f"{folder.name} ({problem})")
+    steps = _logged_training_steps(run_dir)
+    if damaged or steps:
+        found = (f"committed checkpoints that no longer verify: {'; '.join(damaged)}" if damaged
+                 else f"{steps} logged training step(s) in {METRICS_FILE} and no checkpoint")
+        raise CheckpointError(
+            f"{run_dir}: no usable checkpoint, but the run folder has a history ({found}). "
+            "Refusing to start afresh over it: restore the checkpoints from a copy, or move the "
+            "folder aside (or pass another --run-dir) to start a new run"
+        )
     return None
 
 
+METRICS_FILE = "metrics.jsonl"  # the run log's rows (``RunLogger``)
+
+
+def _logged_training_steps(run_dir: Folder) -> int:
+    """How many rows of the run log are at a step past 0 (rows at step 0 are logged before the
+    first step: a run killed then has trained nothing)."""
+    try:
+        text = run_dir.read_text(METRICS_FILE)
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for line in text.splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line of a killed run
+        count += isinstance(step, int) and step > 0
+    return count
+
+
+# Checkpoints that verified in this process (rank 0), by folder and commit record: each is
+# hashed once, not at every prune (a run holds its folder's lock: nobody else writes there).
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def _verified_key(folder: Folder) -> tuple[str, str] | None:
+    try:
+        return folder.url, hashlib.sha256(folder.read_bytes(COMMIT_NAME)).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def prune(run_dir: str | Path | Folder, *, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; remove older and incomplete ones.
+    """Keep the ``keep`` newest checkpoints that verify (their files match their record); remove
+    older ones and every incomplete or damaged one, logging why. Whether a checkpoint counts is
+    decided by its hashes, never by the presence of its commit record alone, so a damaged
+    checkpoint cannot push a good one out.
 
     Call it only while no rank is writing a checkpoint (rank 0, after the save's barrier, or
     before training starts).
     """
     kept = 0
     for folder in checkpoint_folders(run_dir):
-        if folder.exists(COMMIT_NAME) and kept < keep:
-            kept += 1
-            continue
+        if kept < keep:
+            key = _verified_key(folder)
+            if key is None:
+                problem: str | None = INCOMPLETE
+            else:
+                problem = None if key in _VERIFIED else problem_of(folder)[1]
+            if problem is None and key is not None:
+                _VERIFIED.add(key)
+                kept += 1
+                continue
+            logger.warning("removing checkpoint %s: %s", folder, problem)
         folder.remove()
 
 
@@ -266,9 +365,25 @@ def _split(path: str | Path) -> tuple[Folder, str]:
     return Folder(head if head else "."), name
 
 
-def _load_weights_only(data: bytes) -> Any:
+def _load_weights_only(data: bytes, *, source: str = "") -> Any:
     # weights_only: a file in a run folder may have been written by anyone who can write there
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    where = source or "the file"
+    if not data.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a bare pickle
+        raise CheckpointError(f"{where}: not a torch checkpoint file")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # a truncated copy, or a pickle naming code to run (refused, never run)
+        raise CheckpointError(f"{where}: not a checkpoint this project can load "
+                              f"({_load_failure(exc)})") from None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What torch.load's long message says, in a few words: the global a weights-only load
+    refused, or its first sentence."""
+    text = one_line(str(exc))
+    refused = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+    return refused.group(0) if refused else text.split(". ")[0]
 
 
 def load_model(path: str | Path) -> dict[str, Any]:
@@ -277,7 +392,7 @@ def load_model(path: str | Path) -> dict[str, Any]:
         data = parent.read_bytes(name)
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"{path}: no such checkpoint") from None
-    payload = _load_weights_only(data)
+    payload = _load_weights_only(data, source=str(path))
     if not isinstance(payload, dict) or not {"model", "config", "meta"} <= set(payload):
         raise CheckpointError(f"{path}: not an elcrec-dist model checkpoint")
     return payload
@@ -301,7 +416,8 @@ def load_model_weights(path: str | Path | Folder) -> dict[str, torch.Tensor]:
     if verify(folder) is None:
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)")
     try:
-        states = _load_weights_only(folder.read_bytes(MODEL_STATES))
+        states = _load_weights_only(folder.read_bytes(MODEL_STATES),
+                                    source=folder.show(MODEL_STATES))
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: the checkpoint has no {MODEL_STATES}") from None
     module = states.get("module") if isinstance(states, dict) else None
@@ -506,3 +622,90 @@ def _gather(value: T) -> list[T]:
     out: list[Any] = [None] * dist_utils.world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+# --- the engine's own files: loaded weights-only ---------------------------------------------
+#
+# DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``: unpickling a
+# file that anyone who can write the run folder (a shared volume, a bucket) could have replaced
+# runs whatever code the pickle names. Every engine this project builds reads through
+# ``SafeCheckpointEngine`` instead: ``weights_only=True``, which admits tensors, containers and
+# plain values, plus the three DeepSpeed classes its ZeRO files hold (``ENGINE_SAFE_GLOBALS``),
+# each restored by setting fields, never by calling code of the file's choosing. Before that,
+# ``refuse_unsafe_pickles`` reads the pickles' opcodes (without running them) on rank 0, so a
+# file naming anything else is refused on every rank with a message, not half-way through a
+# load.
+
+# What DeepSpeed 0.19 stores besides tensors and containers (``zero_pp_rank_*_optim_states.pt``,
+# at ZeRO 1 and 2, fp32 and bf16; ``tests/reliability/test_checkpoint_safety.py`` checks the
+# list against the files the engine writes).
+ENGINE_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # the static scale 1: plain attributes
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an int enum
+    "deepspeed.utils.tensor_fragment.fragment_address",  # a dataclass of two ints
+)
+
+
+def _engine_safe_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in ENGINE_SAFE_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        found.append(getattr(importlib.import_module(module), attribute))
+    return found
+
+
+def unsafe_globals(folder: Folder, relative: str) -> list[str]:
+    """The globals (functions, classes) that the pickle in the checkpoint file ``relative``
+    below ``folder`` names beyond torch's weights-only set and ``ENGINE_SAFE_GLOBALS``, read
+    statically (nothing is unpickled); a file that is not a torch zip checkpoint says so."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+    try:
+        with safe_globals(_engine_safe_globals()), \
+                folder.fs.open(folder.path(relative), "rb") as handle:
+            return sorted(get_unsafe_globals_in_checkpoint(handle))
+    except (ValueError, RuntimeError) as exc:  # not a zip archive, or no data.pkl in it
+        return [f"<not a torch checkpoint: {one_line(str(exc))}>"]
+
+
+def refuse_unsafe_pickles(folder: Folder, record: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` if a ``.pt`` file listed in ``record`` names anything that a
+    weights-only load would refuse."""
+    for entry in recorded_files(record):
+        if not entry.path.endswith(".pt"):
+            continue
+        found = unsafe_globals(folder, entry.path)
+        if found:
+            raise CheckpointError(
+                f"{folder.show(entry.path)}: refusing to load it: its pickle names "
+                f"{', '.join(found)}, which a weights-only load does not run (a checkpoint this "
+                "project wrote names none of them; someone who can write the run folder may have "
+                "replaced it). Restore the run folder from a trusted copy, or start a new one"
+            )
+
+
+def safe_checkpoint_engine() -> Any:
+    """A DeepSpeed checkpoint engine that loads weights-only (see above) and writes through a
+    Python file object, so that a failed write (a full disk) raises ``OSError`` with its errno
+    instead of torch's writer's bare "unexpected pos"."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict: Any, path: str) -> None:
+            with open(path, "wb") as handle:
+                torch.save(state_dict, handle)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            from torch.serialization import safe_globals
+
+            try:
+                with safe_globals(_engine_safe_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{path}: refusing to load it: {_load_failure(exc)}") from None
+
+    return SafeCheckpointEngine()

@@ -40,6 +40,9 @@ class SavedModel:
     source: str  # where it was read from, for messages
     config: dict[str, Any]  # the run's resolved config (``ExperimentConfig.to_dict`` form)
     weights: dict[str, torch.Tensor]  # named like ``ELCRec.state_dict()``, fp32
+    # the fingerprint of the dataset it was trained on (``DatasetInfo.fingerprint``), where the
+    # file records one (commit records do; best_model.pt from this version on)
+    dataset: dict[str, Any] | None = None
 
     @property
     def num_items(self) -> int:
@@ -52,14 +55,16 @@ def read_saved_model(source: str) -> SavedModel:
     weights = ckpt.load_model_weights(source)  # refuses an incomplete or changed folder
     folder = Folder.of(source)
     if folder.is_dir():  # its commit record, verified just now, holds the run's config
-        stored = json.loads(folder.read_text(ckpt.COMMIT_NAME)).get("config")
+        record = json.loads(folder.read_text(ckpt.COMMIT_NAME))
+        stored, dataset = record.get("config"), record.get("dataset")
     else:
-        stored = ckpt.load_model(source)["config"]
+        payload = ckpt.load_model(source)
+        stored, dataset = payload["config"], payload["meta"].get("dataset")
     if not isinstance(stored, dict) or not stored:
         raise ckpt.CheckpointError(f"{source}: holds no config of its run")
     if ITEM_TABLE not in weights:
         raise ckpt.CheckpointError(f"{source}: holds no {ITEM_TABLE}")
-    return SavedModel(source, stored, weights)
+    return SavedModel(source, stored, weights, dataset if isinstance(dataset, dict) else None)
 
 
 def resolve_config(
@@ -106,6 +111,14 @@ def check_catalogue(saved: SavedModel, info: DatasetInfo, data: str) -> None:
             f"{saved.source} scores a catalogue of {saved.num_items} items (item table of "
             f"{saved.num_items + 1} rows), but the dataset {data} has {info.num_items} items: "
             "evaluate it on the dataset it was trained on"
+        )
+    now = info.fingerprint()
+    if saved.dataset is not None and saved.dataset != now:  # same size, other users or items
+        differs = "; ".join(f"{key}: {saved.dataset.get(key)!r} when trained, {value!r} now"
+                            for key, value in now.items() if saved.dataset.get(key) != value)
+        raise ckpt.CheckpointError(
+            f"{saved.source} was trained on another dataset than {data} ({differs}): evaluate it "
+            "on the dataset it was trained on"
         )
 
 

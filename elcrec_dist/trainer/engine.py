@@ -3,12 +3,19 @@
 One place (``build_engine``) calls ``deepspeed.initialize``; the model knows nothing of engines or
 ranks. A step's randomness (batch negatives, augmentations, dropout) is seeded from
 (seed, rank, global step) only, so a resumed run draws exactly what the uninterrupted one drew.
+
+A step whose loss or gradient is not finite on any rank is not applied: each rank's finding
+travels in the all-reduce that already sums the loss terms (no second collective, no second
+host sync), so every rank skips the same step. DeepSpeed checks this only under fp16 loss
+scaling; here it holds in fp32 and bf16 alike. The trainer counts the skipped steps
+(``NONFINITE_RANKS`` in the step's record) and stops a run that keeps diverging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,12 +24,17 @@ from torch import nn
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.batching import TrainBatch, make_train_batch
+from elcrec_dist.checkpoint import safe_checkpoint_engine
 from elcrec_dist.config import ExperimentConfig, LossConfig
 from elcrec_dist.distributed import BatchShard
 from elcrec_dist.losses import elcrec_terms, weighted_total
 from elcrec_dist.model import ELCRec
 from elcrec_dist.trainer.exchange import attach_item_exchange, exchange_after_backward
 from elcrec_dist.trainer.intents import intent_source
+
+# What ``train_step`` adds to its ``record``: 0-dim CPU tensors, the same on every rank.
+NONFINITE_RANKS = "nonfinite_ranks"  # ranks whose loss or gradient was not finite (0: applied)
+STOP_RANKS = "stop_ranks"  # ranks asked to stop (``dist_utils.request_stop``) before this step
 
 
 class ELCRecObjective(nn.Module):
@@ -90,6 +102,8 @@ def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
         config=deepspeed_config(config, dist_utils.world_size()),
     )
     attach_item_exchange(engine, config)  # deepspeed.item_exchange: how the table's gradient travels
+    # DeepSpeed's own reader unpickles with weights_only=False: code in a planted file would run
+    engine.checkpoint_engine = safe_checkpoint_engine()
     return engine
 
 
@@ -135,9 +149,11 @@ def train_step(
     record: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimizer step on this rank's share of the global batch, then the intent source's
-    after-step hook (learned centres: back onto the unit sphere).
+    after-step hook (learned centres: back onto the unit sphere); neither happens when the loss
+    or a gradient is not finite on any rank (the module docstring).
 
-    Returns the loss terms of the *global* batch (the same numbers on every rank).
+    Returns the loss terms of the *global* batch (the same numbers on every rank). ``record``
+    also receives ``NONFINITE_RANKS`` and ``STOP_RANKS``.
     """
     device = engine.device
     shard = dist_utils.batch_shard(batch.inputs.shape[0], device=device,
@@ -148,12 +164,78 @@ def train_step(
     # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.
     engine.backward(total * shard.world)
     exchange_after_backward(engine, batch)  # sparse: the item table's touched rows, after backward
-    engine.step()
-    intent_source(config.model.intents).after_step(engine)
     names = [*terms, "total"]
-    values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float()])
-    summed = dist_utils.global_sum(values).tolist()
+    flags = [not_finite(total, local_gradients(engine)),
+             torch.tensor(float(dist_utils.stop_reason() is not None), device=device)]
+    values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float(),
+                          *flags])
+    *summed, nonfinite, stopping = dist_utils.global_sum(values).tolist()  # the step's one sync
+    applied = nonfinite == 0
+    with update_skipped(engine, skip=not applied):
+        engine.step()  # skipped or not: DeepSpeed clears the gradients and its buffers
+    if applied:
+        intent_source(config.model.intents).after_step(engine)
+    if record is not None:
+        record[NONFINITE_RANKS] = torch.tensor(nonfinite)
+        record[STOP_RANKS] = torch.tensor(stopping)
     return {f"loss/{name}": value for name, value in zip(names, summed, strict=True)}
+
+
+def local_gradients(engine: Any) -> list[torch.Tensor]:
+    """The gradients this rank holds after ``engine.backward``: the parameters' own (ZeRO 0), or
+    the ZeRO optimizer's partition of the reduced gradients (stages 1 and 2), or both."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    partitions = getattr(engine.optimizer, "averaged_gradients", None) or {}
+    for group in partitions.values():
+        grads.extend(g for g in group or () if g is not None)
+    return grads
+
+
+def not_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1.0 if ``loss`` or any element of ``grads`` is NaN or infinite, else 0.0 (0-dim float32,
+    on the loss's device; no host sync)."""
+    finite = torch.isfinite(loss.detach()).all()
+    for grad in grads:
+        finite = finite & torch.isfinite(grad).all()
+    return (~finite).float()
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that updates the fp32 weights: the engine's own at ZeRO 0, the one
+    inside DeepSpeed's ZeRO optimizer at stages 1 and 2."""
+    for candidate in (engine.optimizer, getattr(engine.optimizer, "optimizer", None)):
+        if isinstance(candidate, torch.optim.Optimizer):
+            return candidate
+    raise RuntimeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
+
+
+def engine_state_finite(engine: Any) -> bool:
+    """Whether every weight this rank holds (the module's, the optimizer's fp32 copy or ZeRO
+    partition) and every tensor of its optimizer state (Adam's moments) is finite. One host
+    sync; for the checks before a checkpoint is committed, not for every step."""
+    optimizer = base_optimizer(engine)
+    tensors = [*engine.module.parameters(),
+               *(p for group in optimizer.param_groups for p in group["params"])]
+    tensors += [v for state in optimizer.state.values() for v in state.values()
+                if torch.is_tensor(v)]
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+@contextlib.contextmanager
+def update_skipped(engine: Any, *, skip: bool) -> Iterator[None]:
+    """Within, with ``skip``, the base optimizer's ``step`` does nothing: ``engine.step()`` then
+    runs DeepSpeed's own bookkeeping (gradients and ZeRO buffers cleared, partitions copied back
+    unchanged) but changes no weight, no Adam moment and no Adam step count."""
+    if not skip:
+        yield
+        return
+    optimizer = base_optimizer(engine)
+    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del optimizer.step  # the class's step again
 
 
 def run_step(

@@ -16,17 +16,45 @@ from typing import Any
 import torch
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.checkpoint import Checkpointer, Restored, TrainState
+from elcrec_dist.checkpoint import (
+    BEST_MODEL,
+    CHECKPOINTS,
+    Checkpointer,
+    CheckpointError,
+    Restored,
+    TrainState,
+    latest_checkpoint,
+    tag_of,
+)
 from elcrec_dist.config import ExperimentConfig
+from elcrec_dist.errors import PermanentError, RetryableError
 from elcrec_dist.model import ELCRec
+from elcrec_dist.prepared import DatasetError
 from elcrec_dist.runlog import RunLogger, logger, progress
 from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.tracking import embedding_norms
-from elcrec_dist.trainer.engine import build_engine, init_model, run_step
+from elcrec_dist.trainer.engine import (
+    NONFINITE_RANKS,
+    STOP_RANKS,
+    build_engine,
+    engine_state_finite,
+    init_model,
+    run_step,
+)
 from elcrec_dist.trainer.exchange import exchange_figures
 from elcrec_dist.trainer.intents import CentreWins, centre_stats, intent_source
 from elcrec_dist.trainer.validation import evaluate_sharded
 from elcrec_dist.trainer.warmstart import warm_start
+
+
+class TrainingDiverged(PermanentError, RuntimeError):
+    """Steps kept failing to be finite, or the weights are no longer finite. Permanent: the same
+    settings diverge again; nothing non-finite was committed."""
+
+
+class StoppedOnRequest(RetryableError):
+    """Asked to stop (SIGTERM, the launcher gone); a checkpoint was committed first. Retryable:
+    the same command with ``--resume`` continues where it stopped."""
 
 
 @dataclass
@@ -55,6 +83,8 @@ class Trainer:
         self.checkpointer = Checkpointer(config.train.run_dir, config=config,
                                          dataset=data.info.fingerprint(), before_commit=run_log.sync)
         self.state = TrainState(world_size=self.world)
+        self.nonfinite_in_row = 0  # steps skipped in a row for a non-finite loss or gradient
+        self.nonfinite_steps = 0  # all steps skipped so far by this process
         self.model: ELCRec
         self.engine: Any
         self.wins: CentreWins
@@ -68,15 +98,19 @@ class Trainer:
                         self.state.best_epoch)
         last = self.state.epoch if stop else train.epochs
         epochs = range(self.state.epoch, last)
-        for epoch in progress(epochs, desc="epochs", main=dist_utils.is_main(), total=len(epochs)):
-            self.train_epoch(epoch)
-            if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
-                stop = self.validate(epoch)
-            self.checkpointer.save(self.engine, self.state)
-            if stop:
-                logger.info("early stop after epoch %d: no better %s for %d evaluations",
-                            epoch, self.config.eval.select_metric, self.state.bad_evals)
-                break
+        with dist_utils.stop_requests():  # SIGTERM: checkpoint at the next step, exit 75
+            for epoch in progress(epochs, desc="epochs", main=dist_utils.is_main(),
+                                  total=len(epochs)):
+                self.train_epoch(epoch)
+                if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
+                    stop = self.validate(epoch)
+                self.save_checkpoint()
+                if self.stop_requested():  # asked during the epoch's last step or its evaluation
+                    raise self.stopped()
+                if stop:
+                    logger.info("early stop after epoch %d: no better %s for %d evaluations",
+                                epoch, self.config.eval.select_metric, self.state.bad_evals)
+                    break
         test = self.test_best()
         state = self.state
         return FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history,
@@ -129,16 +163,20 @@ class Trainer:
             record: dict[str, torch.Tensor] = {}
             terms = run_step(self.engine, users.sequences, self.config, num_items=self.data.info.num_items,
                              rank=self.rank, global_step=state.global_step, record=record)
-            if "assignment" in record:
+            applied = self.count_nonfinite(record)  # a skipped step still uses up its batch
+            if applied and "assignment" in record:
                 self.wins.add(record["assignment"])
             state.global_step, state.step_in_epoch = state.global_step + 1, step_in_epoch + 1
             seen += len(users)
             if state.global_step % train.log_every == 0:
                 self.run_log.log({**terms, **exchange_figures(self.engine), "lr": train.lr,
                                   **embedding_norms(self.model)}, step=state.global_step)
-            if self.mid_epoch_checkpoint_due():
+            stop = float(record[STOP_RANKS]) > 0 and self.mid_epoch()  # the epoch's end: in fit
+            if stop or self.mid_epoch_checkpoint_due():
                 state.centre_wins = self.wins.snapshot()
-                self.checkpointer.save(self.engine, state)
+                self.save_checkpoint()
+            if stop:
+                raise self.stopped()
         self.close_epoch(epoch, seconds=max(time.time() - started, 1e-9), seen=seen, clustering_s=clustering_s)
 
     def refresh_intents(self, epoch: int) -> float:
@@ -155,10 +193,75 @@ class Trainer:
         self.run_log.log(refreshed, step=self.state.global_step)
         return seconds
 
+    def mid_epoch(self) -> bool:
+        """Whether the epoch has steps left (its last step's checkpoint is the epoch's own)."""
+        return self.state.step_in_epoch < self.data.steps_per_epoch(self.config.train.batch_size)
+
     def mid_epoch_checkpoint_due(self) -> bool:
-        every, state = self.config.train.checkpoint_every, self.state
-        steps = self.data.steps_per_epoch(self.config.train.batch_size)
-        return bool(every) and state.global_step % every == 0 and state.step_in_epoch < steps
+        every = self.config.train.checkpoint_every
+        return bool(every) and self.state.global_step % every == 0 and self.mid_epoch()
+
+    def count_nonfinite(self, record: dict[str, torch.Tensor]) -> bool:
+        """Count a step that was skipped for a non-finite loss or gradient (``train_step``; every
+        rank sees the same record) and stop the run after ``train.max_nonfinite_steps`` in a
+        row. Returns whether the step was applied."""
+        ranks = int(record[NONFINITE_RANKS])
+        if ranks == 0:
+            self.nonfinite_in_row = 0
+            return True
+        self.nonfinite_in_row += 1
+        self.nonfinite_steps += 1
+        step, limit = self.state.global_step, self.config.train.max_nonfinite_steps
+        logger.warning("step %d: the loss or a gradient was not finite on %d rank(s); its update "
+                       "was skipped (%d in a row, the run stops at %d)", step, ranks,
+                       self.nonfinite_in_row, limit)
+        self.run_log.log({"train/nonfinite_steps": self.nonfinite_steps}, step=step + 1)
+        if self.nonfinite_in_row >= limit:
+            raise self.diverged(f"{self.nonfinite_in_row} steps in a row up to step {step} had a "
+                                "non-finite loss or gradient (train.max_nonfinite_steps); their "
+                                "updates were skipped")
+        return False
+
+    def save_checkpoint(self) -> None:
+        """Commit a checkpoint of the state so far (``require_finite`` first)."""
+        self.require_finite("checkpoint")
+        self.checkpointer.save(self.engine, self.state)
+
+    def require_finite(self, what: str) -> None:
+        """Raise ``TrainingDiverged`` rather than write ``what`` from non-finite weights or
+        optimizer state. Collective: each rank checks what it holds (a ZeRO partition)."""
+        bad = float(not engine_state_finite(self.engine))
+        if dist_utils.all_reduce_max({"bad": bad}, self.device)["bad"] > 0:
+            raise self.diverged(f"at step {self.state.global_step} the weights or the optimizer "
+                                f"state are not finite; no {what} of them was written")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error that ends a diverging run, naming the last good checkpoint. Collective."""
+        newest = None
+        if dist_utils.is_main():
+            try:
+                found = latest_checkpoint(self.checkpointer.run_dir)
+                newest = str(found[0]) if found is not None else None
+            except CheckpointError as exc:
+                newest = f"none usable ({exc})"
+        newest = dist_utils.broadcast_object(newest)
+        newest = newest or "none (nothing was committed)"
+        return TrainingDiverged(f"training diverged: {what}. The last good checkpoint is {newest}; "
+                                "lower train.lr or check the data, and start again in a new run "
+                                "folder")
+
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank gets the same answer)."""
+        local = float(dist_utils.stop_reason() is not None)
+        return dist_utils.all_reduce_max({"stop": local}, self.device)["stop"] > 0
+
+    def stopped(self) -> StoppedOnRequest:
+        """The error that ends a run asked to stop, once its checkpoint is committed."""
+        reason = dist_utils.stop_reason() or "another rank was asked to stop"
+        step = self.state.global_step
+        folder = f"{self.checkpointer.run_dir}/{CHECKPOINTS}/{tag_of(step)}"
+        return StoppedOnRequest(f"stopped on request ({reason}) at step {step}, after committing "
+                                f"{folder}; run the same command with --resume to continue")
 
     def close_epoch(self, epoch: int, *, seconds: float, seen: int, clustering_s: float) -> None:
         state = self.state
@@ -184,8 +287,10 @@ class Trainer:
         logger.info("epoch %d: valid %s = %.4f (best %.4f)", epoch, select, valid[select],
                     max(state.best_metric, valid[select]))
         if valid[select] > state.best_metric:
+            self.require_finite(BEST_MODEL)
             state.best_metric, state.best_epoch, state.bad_evals = valid[select], epoch, 0
             self.checkpointer.save_best(self.model, {"epoch": epoch, select: valid[select],
+                                                     "dataset": self.data.info.fingerprint(),
                                                      "global_step": state.global_step})
         else:
             state.bad_evals += 1
@@ -199,6 +304,17 @@ class Trainer:
         self.run_log.log({f"test/{k}": v for k, v in test.items()}, step=self.state.global_step)
         self.state.finished = True
         return test
+
+
+def verify_data(data: StreamingDataset) -> None:
+    """Refuse, on every rank, a dataset whose files differ from its manifest's sha256 (each rank
+    hashes its share of the files; collective). Before anything is written to the run folder."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    mine = data.verify_checksums(rank=rank, world=world)
+    problems = [problem for found in dist_utils.all_gather_object(mine) for problem in found]
+    if problems:
+        raise DatasetError(f"{data.url}: refusing to train on it: {'; '.join(problems)}. "
+                           "Rebuild or copy the dataset again")
 
 
 def fit(config: ExperimentConfig, data: StreamingDataset, *, device: torch.device, run_log: RunLogger,

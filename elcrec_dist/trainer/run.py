@@ -19,32 +19,38 @@ from elcrec_dist.diagnostics import intent_recovery
 from elcrec_dist.model import ELCRec
 from elcrec_dist.planted import read_planted
 from elcrec_dist.rundir import Folder
+from elcrec_dist.runlock import hold_run_folder
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.tracking import record_run
-from elcrec_dist.trainer.loop import FitResult, fit
+from elcrec_dist.trainer.loop import FitResult, fit, verify_data
 from elcrec_dist.trainer.validation import popularity_sharded
 
 
 def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.device,
           resume: str | None = None) -> tuple[Folder, FitResult]:
-    """One training run end to end: refuse a resume that does not fit before anything is
-    written, prepare the run folder, train, test, write ``results.json``. Collective."""
+    """One training run end to end: refuse a resume that does not fit and a dataset whose files
+    differ from its manifest before anything is written, hold the run folder's lock (a second
+    trainer there exits 2), prepare the run folder, train, test, write ``results.json``.
+    Collective."""
     info = data.info
     if resume:
         Checkpointer(config.train.run_dir, config=config, dataset=info.fingerprint()).check_resumable()
-    run_dir = prepare_run_dir(config)
-    run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
-    logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users,
-                info.num_items, dist_utils.world_size())
-    started = time.time()
-    try:
-        result, model = fit(config, data, device=device, run_log=run_log, resume=resume)
-        finish_run(config, result, model, data=data, run_log=run_log, seconds=time.time() - started, device=device)
-    except BaseException:
-        run_log.close(quiet=True)  # the run's own error is the one to report
-        raise
-    run_log.close()
+    verify_data(data)
+    with hold_run_folder(config.train.run_dir):
+        run_dir = prepare_run_dir(config)
+        run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
+        logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users,
+                    info.num_items, dist_utils.world_size())
+        started = time.time()
+        try:
+            result, model = fit(config, data, device=device, run_log=run_log, resume=resume)
+            finish_run(config, result, model, data=data, run_log=run_log,
+                       seconds=time.time() - started, device=device)
+        except BaseException:
+            run_log.close(quiet=True)  # the run's own error is the one to report
+            raise
+        run_log.close()
     return run_dir, result
 
 
