@@ -122,7 +122,7 @@ def tiled_answer_ranks(
     count = torch.zeros(users.shape[0], dtype=torch.int64, device=users.device)
     for lo, hi in tile_ranges(table.shape[0] - 1, tile_items):
         at_least = score_tile(users, table, lo, hi) >= threshold  # [B, T]
-        count += at_least.sum(dim=1)
+        count += at_least.sum(dim=1, dtype=torch.int32)  # half the time of an int64 sum
         inside = excluded & (ordered >= lo) & (ordered < hi)  # [B, L]
         taken = inside & at_least.gather(1, torch.where(inside, ordered - lo, 0))
         count -= taken.sum(dim=1)
@@ -152,13 +152,12 @@ _MISSING = torch.iinfo(torch.int64).min  # an excluded item: below every packed 
 _NO_EFFECT = torch.iinfo(torch.int64).max  # leaves a key as it is under scatter "amin"
 
 
-def _pack(scores: torch.Tensor, first_id: int) -> torch.Tensor:
-    """scores [B, T] float32 of items first_id.. -> int64 keys [B, T]."""
+def _pack(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """float32 scores and their item ids (same shape, or ids broadcast) -> int64 keys."""
     scores = scores.masked_fill(scores == 0, 0.0)  # -0.0 == 0.0: one score, one key
     bits = scores.view(torch.int32).to(torch.int64)
     # A negative float's magnitude grows with its bits; flipping the 31 low bits reverses that.
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    ids = torch.arange(first_id, first_id + scores.shape[1], device=scores.device)
     return bits * _ID_SPAN + (_ID_SPAN - 1 - ids)
 
 
@@ -181,6 +180,48 @@ def _check_k(k: int, num_items: int) -> None:
         raise ValueError(f"top-K packs item ids into 32 bits; {num_items} items do not fit")
 
 
+def _exclude(values: torch.Tensor, lo: int, history: torch.Tensor, mark: float | int) -> None:
+    """Write ``mark`` over the history's items in a tile [B, T] of items lo.. (in place)."""
+    inside = (history >= lo) & (history < lo + values.shape[1])  # [B, L]; padding never inside
+    index = torch.where(inside, history - lo, 0)
+    # "amin" with the largest value of the dtype leaves the other entries as they are, whatever
+    # the order in which the writes land (duplicate history ids, and index 0 for the rest).
+    spare = torch.inf if values.is_floating_point() else _NO_EFFECT
+    marks = torch.full_like(history, 0, dtype=values.dtype)
+    marks.masked_fill_(inside, mark).masked_fill_(~inside, spare)
+    values.scatter_reduce_(1, index, marks, reduce="amin")
+
+
+def _tile_best(
+    scores: torch.Tensor, lo: int, history: torch.Tensor, *, k: int, keep_history: bool
+) -> torch.Tensor:
+    """The best min(k, T) keys of one tile scores [B, T] of items lo.., in any order.
+
+    A float top-(k + 1) finds each row's k-th and (k + 1)-th best scores. Where they differ, the
+    k items it picked are the only ones scoring >= the k-th, and only those are packed. Rows
+    where they are equal (a tie across the cut, which torch.topk settles in no defined order),
+    or where the k-th is -inf (excluded items there), are packed whole instead, so the cut
+    falls by item id and excluded items become ``_MISSING``."""
+    width = scores.shape[1]
+    kk = min(k, width)
+    if not keep_history:
+        _exclude(scores, lo, history, -math.inf)
+    values, index = scores.topk(min(k + 1, width), dim=1)  # [B, kk or kk + 1]
+    crowded = values[:, kk - 1] == -math.inf  # [B]
+    if values.shape[1] > kk:
+        crowded |= values[:, kk] == values[:, kk - 1]
+        values, index = values[:, :kk], index[:, :kk]
+    keys = _pack(values, index + lo)
+    if bool(crowded.any()):
+        rows = crowded.nonzero()[:, 0]
+        ids = torch.arange(lo, lo + width, device=scores.device)
+        whole = _pack(scores[rows], ids)  # [R, T]
+        if not keep_history:
+            _exclude(whole, lo, history[rows], _MISSING)
+        keys[rows] = whole.topk(kk, dim=1).values
+    return keys
+
+
 def top_k_items(
     users: torch.Tensor,
     table: torch.Tensor,
@@ -194,21 +235,13 @@ def top_k_items(
 
     users [B, D], table [N + 1, D] (row 0 padding, never returned), history [B, L] item ids
     (0 where empty), excluded unless ``keep_history``. Order: score descending, ties by item id
-    ascending. Memory: B x tile_items keys plus a running [B, k]."""
+    ascending. Memory: a tile of B x tile_items scores plus a running [B, k]."""
     num_items = table.shape[0] - 1
     _check_k(k, num_items)
     running = torch.full((users.shape[0], k), _MISSING, dtype=torch.int64, device=users.device)
     for lo, hi in tile_ranges(num_items, tile_items):
-        keys = _pack(score_tile(users, table, lo, hi), lo)  # [B, T]
-        if not keep_history:
-            inside = (history >= lo) & (history < hi)  # [B, L]; padding 0 is never inside
-            keys.scatter_reduce_(
-                1,
-                torch.where(inside, history - lo, 0),
-                torch.where(inside, _MISSING, _NO_EFFECT),
-                reduce="amin",
-            )
-        best = keys.topk(min(k, hi - lo), dim=1).values  # [B, <= k]
+        best = _tile_best(score_tile(users, table, lo, hi), lo, history, k=k,
+                          keep_history=keep_history)
         running = torch.cat([running, best], dim=1).topk(k, dim=1).values
     return _unpack(running)
 
