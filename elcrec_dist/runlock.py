@@ -49,18 +49,26 @@ class RunFolderBusy(PermanentError, RuntimeError):
     """Another trainer holds the run folder. Permanent: this job must not write there."""
 
 
-def _holder_text() -> bytes:
+def _holder_text(token: str) -> bytes:
     return (
         json.dumps(
             {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "id": uuid.uuid4().hex,
+                "id": token,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         ).encode()
         + b"\n"
     )
+
+
+def _token_of(text: bytes) -> str | None:
+    try:
+        token = json.loads(text).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
 
 
 def _describe(text: bytes) -> str:
@@ -99,7 +107,7 @@ class LocalLock:
                 "without locks cannot keep two trainers apart"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_text(), 0)
+        os.pwrite(fd, _holder_text(uuid.uuid4().hex), 0)
         self.fd = fd
 
     def release(self) -> None:
@@ -117,20 +125,24 @@ class LeaseLock:
         self.folder, self.renew_s, self.expiry_s = folder, renew_s, expiry_s
         self.path = folder.path(LOCK_NAME)
         self.etag: str | None = None
+        self.token = uuid.uuid4().hex  # names this holder inside the lease object
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _put(self, **condition: str) -> str | None:
-        """Write the lease under ``condition``; its new ETag, or None if the condition failed."""
+        """Write the lease under ``condition``; its new ETag, or None if the condition failed.
+        A write retried after its answer was lost fails its own condition: the object then
+        names this holder, and counts as written."""
         try:
             with storage_errors(self.folder.show(LOCK_NAME)):
-                self.folder.fs.pipe_file(self.path, _holder_text(), **condition)
+                self.folder.fs.pipe_file(self.path, _holder_text(self.token), **condition)
                 return str(self.folder.fs.info(self.path)["ETag"])
         except Exception as exc:  # the store answers a failed condition with 412
-            if _precondition_failed(exc):
-                return None
-            raise
+            if not _precondition_failed(exc):
+                raise
+        current = self._current()
+        return current[0] if current is not None and _token_of(current[1]) == self.token else None
 
     def _current(self) -> tuple[str, bytes] | None:
         with storage_errors(self.folder.show(LOCK_NAME)):
@@ -153,12 +165,12 @@ class LeaseLock:
         while seen is not None and time.monotonic() < deadline:
             time.sleep(min(1.0, self.renew_s / 4))
             now = self._current()
-            if now is None or now[0] != seen[0]:  # rewritten (renewed) or released meanwhile
+            if now is None:  # released meanwhile: take it as if it had been free
+                seen = None
+                break
+            if now[0] != seen[0]:  # rewritten: its holder renews it, it is alive
                 raise RunFolderBusy(
                     f"{self.folder}: another trainer is using this run folder ({_describe(now[1])})"
-                    if now is not None
-                    else f"{self.folder}: another trainer just released this run "
-                    "folder; start again"
                 ) from None
         if seen is None:  # released while we looked: create it as usual
             etag = self._put(mode="create")
