@@ -174,6 +174,7 @@ RESUMABLE_KEYS = frozenset({
     "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
     "deepspeed.overlap_comm", "deepspeed.item_exchange", "eval.sampled_negatives",
     "eval.sampled_distribution", "train.max_nonfinite_steps", "train.collective_timeout_s",
+    "eval.tile_items",  # items scored at a time: the same ranks and metrics whatever its value
 })
 
 
