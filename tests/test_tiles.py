@@ -254,3 +254,16 @@ def test_evaluate_sums_tiled_equal_dense_on_a_model() -> None:
         for tile in (1, 5, 36, 37, 100):
             tiled, m = evaluate_sums(model, seqs, split=split, ks=(1, 5, 10), tile_items=tile)
             assert (tiled, m) == (dense, n), tile
+
+
+def test_a_resume_may_change_the_tile_size() -> None:
+    """The tile size changes how much is scored at a time, not what a run computes."""
+    from elcrec_dist.checkpoint import config_changes
+
+    before = load_config(None, []).to_dict()
+    after = load_config(None, ["eval.tile_items=4096"]).to_dict()
+    assert before["eval"]["tile_items"] != after["eval"]["tile_items"]
+    assert config_changes(before, after).changed == {}
+    # while a key that changes the computation is still refused
+    other = load_config(None, ["eval.tile_items=4096", "train.lr=0.5"]).to_dict()
+    assert set(config_changes(before, other).changed) == {"train.lr"}
