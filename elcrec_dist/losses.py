@@ -50,8 +50,9 @@ def next_item_loss(
         f"next_item_loss: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)} and "
         f"negatives {tuple(negatives.shape)} must share [B, T]",
     )
-    pos_logits = (hidden * item_table[targets]).sum(-1)  # [B, T]
-    neg_logits = (hidden * item_table[negatives]).sum(-1)  # [B, T]
+    # One lookup for both: its backward is one scatter into the item table's gradient.
+    rows = F.embedding(torch.stack([targets, negatives]), item_table)  # [2, B, T, D]
+    pos_logits, neg_logits = (hidden * rows).sum(-1)  # [B, T] each
     # log(1 - σ(x)) = logσ(-x): stable where the reference's log(σ + 1e-24) saturates.
     per_position = -(F.logsigmoid(pos_logits) + F.logsigmoid(-neg_logits))  # [B, T]
     real = (targets > 0).to(per_position.dtype)
@@ -305,6 +306,23 @@ def fuse_intents(
     return fused.reshape(r, -1)
 
 
+class _Gram(torch.autograd.Function):
+    """``z @ z.T`` whose backward is one product, ``(G + G.T) @ z``, where autograd would run
+    two (``G @ z`` for the left factor, ``G.T @ z`` for the right) and add them. The same
+    gradient up to float rounding; in NT-Xent's backward that product, [2M, 2M] x [2M, F], is
+    the largest of the step (F = T x D = 3200 features on Beauty)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return z @ z.T
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return (grad + grad.T) @ z
+
+
 def nt_xent(
     a: torch.Tensor, b: torch.Tensor, *, temperature: float, rows: slice | None = None
 ) -> torch.Tensor:
@@ -322,20 +340,25 @@ def nt_xent(
     )
     m = a.shape[0]
     z = torch.cat([a, b], dim=0)  # [2M, F]
-    index = torch.arange(2 * m, device=z.device)
-    if rows is not None:
+    if rows is None:  # every query: the symmetric [2M, 2M] similarity matrix
+        index = torch.arange(2 * m, device=z.device)
+        logits = _Gram.apply(z) / temperature  # [2M, 2M]
+        logits.diagonal().fill_(float("-inf"))  # never itself
+    else:
         local = torch.arange(m, device=z.device)[rows]
         index = torch.cat([local, local + m])  # the queries a_i and b_i of this range
-    logits = (z[index] @ z.T) / temperature  # [R, 2M]
-    logits[torch.arange(len(index), device=z.device), index] = float("-inf")  # never itself
+        logits = (z[index] @ z.T) / temperature  # [R, 2M]
+        logits[torch.arange(len(index), device=z.device), index] = float("-inf")  # never itself
     positive = (index + m) % (2 * m)  # a_i <-> b_i
     return F.cross_entropy(logits, positive, reduction="sum") / (2 * m)
 
 
 def _halves(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(views.shape[0] % 2 == 0, f"views must have 2B rows, got {views.shape[0]}")
-    half = views.shape[0] // 2
-    return views[:half], views[half:]
+    # split, not two slices: its backward concatenates the halves' gradients where each
+    # slice's would write into a zero-filled tensor of the whole
+    first, second = views.split(views.shape[0] // 2)
+    return first, second
 
 
 def seq_cl_loss(
@@ -439,7 +462,7 @@ def elcrec_terms(
             f"TrainBatch: views {tuple(batch.views.shape)} must be [2B, T] = [{2 * b}, {t}]",
         )
         encoded = model(torch.cat([batch.inputs, batch.views]))  # [3B, T, D]
-        hidden, view_hidden = encoded[:b], encoded[b:]  # [B, T, D], [2B, T, D]
+        hidden, view_hidden = encoded.split([b, 2 * b])  # [B, T, D], [2B, T, D]
     else:
         hidden = model(batch.inputs)  # [B, T, D]
     terms = {

@@ -350,6 +350,41 @@ def test_nt_xent_matches_loop(temperature: float) -> None:
     assert got.item() == pytest.approx(naive_nt_xent(a, b, temperature), rel=1e-12)
 
 
+def naive_nt_xent_grad(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d NT-Xent / d [a; b], by the chain rule written out per row (loops, float64):
+    row i adds ``(Σ_{j≠i} P_ij z_j − z_p(i)) / τ`` to z_i and ``(P_ij − [j = p(i)]) z_i / τ``
+    to every other z_j, all over 2M (P_i = softmax over j ≠ i of z_i·z_j / τ)."""
+    m = len(a)
+    z = [[float(x) for x in row] for row in list(a) + list(b)]
+    width = len(z[0])
+    grad = [[0.0] * width for _ in range(2 * m)]
+    for i in range(2 * m):
+        positive = i + m if i < m else i - m
+        logits = {j: sum(x * y for x, y in zip(z[i], z[j], strict=True)) / temperature
+                  for j in range(2 * m) if j != i}
+        top = max(logits.values())
+        denominator = sum(math.exp(v - top) for v in logits.values())
+        for j, value in logits.items():
+            weight = (math.exp(value - top) / denominator - (j == positive)) / temperature
+            for f in range(width):
+                grad[i][f] += weight * z[j][f] / (2 * m)
+                grad[j][f] += weight * z[i][f] / (2 * m)
+    return torch.tensor(grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_nt_xent_gradient_matches_the_chain_rule(temperature: float) -> None:
+    """The full-batch path's own backward (one product for the symmetric similarity matrix)
+    against the gradient written out by hand."""
+    a, b = randn(4, 3, seed=31), randn(4, 3, seed=32)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    nt_xent(a, b, temperature=temperature).backward()
+    assert a.grad is not None and b.grad is not None
+    want = naive_nt_xent_grad(a.detach(), b.detach(), temperature)
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), want, **TOL)
+
+
 def test_nt_xent_by_hand_2x2() -> None:
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     b = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
@@ -525,6 +560,29 @@ def test_dropout_matches_the_bernoulli_distribution() -> None:
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
     assert abs(kept.float().mean().item() - 0.7) < 5 * (0.7 * 0.3 / 200_000) ** 0.5
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropout_at_one_half_draws_independent_fair_bits() -> None:
+    """The p = 0.5 path (one random bit per element): kept values are doubled; the keep rate,
+    and the rate at which two neighbouring elements (bits of one byte) or the same element in
+    two calls are both kept, are 1/2 and 1/4 within 5 standard errors; reseeding torch's
+    generator draws the same mask again."""
+    from elcrec_dist.model import Dropout
+
+    n = 400_000
+    drop = Dropout(0.5).train()
+    x = torch.ones(n)
+    torch.manual_seed(1)
+    first, second = drop(x), drop(x)
+    kept, kept_again = first != 0, second != 0
+    assert torch.equal(first[kept], torch.full_like(first[kept], 2.0))
+    assert abs(kept.float().mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+    both_rate = (0.25 * 0.75 / (n // 2)) ** 0.5
+    neighbours = (kept[0::2] & kept[1::2]).float().mean().item()
+    assert abs(neighbours - 0.25) < 5 * both_rate
+    assert abs((kept & kept_again).float().mean().item() - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), first)
 
 
 def test_last_only_forward_equals_the_full_forward() -> None:
