@@ -1,4 +1,5 @@
-"""Process-wide float setting for CPU work: subnormal floats are flushed to zero.
+"""Process-wide torch settings for CPU work: subnormal floats flushed to zero, and no filling
+of fresh tensors in deterministic mode.
 
 Why: the gradients of the contrastive terms (softmaxes of raw dot products at temperature 1)
 hold many entries below float32's smallest normal value, 1.2e-38. Intel cores take a
@@ -19,6 +20,13 @@ before its first tensor operation, while data preparation and the Kubernetes CLI
 load torch, do not pay for it. ``ELCREC_FLUSH_SUBNORMALS=0`` keeps IEEE subnormals (for
 comparing with runs made before, or on purpose); unset or ``1`` flushes them. On CPUs without
 the control (torch supports it on x86) ``apply`` returns False and ``probe`` reports "off".
+
+Fresh tensors: with ``torch.use_deterministic_algorithms(True)`` (``train.deterministic``, the
+default) torch also fills every newly allocated tensor with NaN, so that a kernel reading memory
+it never wrote shows up. That is a debugging aid, not part of determinism (a kernel that writes
+its whole output gives the same bits either way, and the seeded-run tests compare bits), and it
+cost 10-15 % of a CPU training step: a write pass over every activation, gradient and
+temporary. ``apply`` switches it off.
 """
 
 from __future__ import annotations
@@ -50,8 +58,9 @@ def requested() -> bool:
 
 def apply() -> bool:
     """Set flush-to-zero and denormals-are-zero on this thread (and on the threads it creates
-    from now on) as ``requested``. Returns whether this CPU supports the setting (x86 does).
-    Idempotent."""
+    from now on) as ``requested``, and stop deterministic mode from filling fresh tensors.
+    Returns whether this CPU supports flushing (x86 does). Idempotent."""
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     return bool(torch.set_flush_denormal(requested()))
 
 
