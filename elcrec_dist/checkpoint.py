@@ -26,14 +26,14 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.errors import PermanentError, one_line
-from elcrec_dist.rundir import FileRecord, Folder, StorageError, scratch
+from elcrec_dist.rundir import FileRecord, Folder, agree, gather, scratch
 from elcrec_dist.runlog import logger
 
 COMMIT_NAME = "COMMITTED.json"
@@ -469,24 +469,21 @@ class Checkpointer:
         what the run computes: its number of ranks, its config (``RESUMABLE_KEYS`` lists what
         may change) or its dataset. Reads the newest commit record without hashing its files
         (cheap); ``find`` verifies before anything is restored. Every rank raises."""
-        problem = None
-        if dist_utils.is_main():
-            found = newest_record(self.run_dir)
-            if found is not None:
-                try:
-                    check_resume(*found, config=self.config.to_dict(), dataset=self.dataset,
-                                 world=dist_utils.world_size())
-                except CheckpointError as exc:
-                    problem = str(exc)
-        problem = dist_utils.broadcast_object(problem)
-        if problem is not None:
-            raise CheckpointError(problem)
+        agree(lambda: self._check_newest() if dist_utils.is_main() else None)
+
+    def _check_newest(self) -> None:
+        found = newest_record(self.run_dir)
+        if found is not None:
+            check_resume(*found, config=self.config.to_dict(), dataset=self.dataset,
+                         world=dist_utils.world_size())
 
     def find(self, resume: str | None) -> Restored | None:
         """The newest complete checkpoint to resume from, as rank 0 chose it (every rank gets
         the same), checked against this run's config, dataset and ranks. ``resume``: None
         starts afresh; ``"required"`` raises if there is none; ``"auto"`` returns None then."""
-        found = _rank_zero(lambda: latest_checkpoint(self.run_dir) if resume else None)
+        chosen = agree(lambda: latest_checkpoint(self.run_dir)
+                       if resume and dist_utils.is_main() else None)
+        found = dist_utils.broadcast_object(chosen)
         if resume == "required" and found is None:
             raise CheckpointError(f"--resume: no complete checkpoint under {self.run_dir.show(CHECKPOINTS)}")
         if found is None:
@@ -506,12 +503,13 @@ class Checkpointer:
         partial saves a killed run may have left (rank 0, after every rank has read)."""
         with local_copy(restored) as local:
             engine.load_checkpoint(str(local.parent), tag=local.name, load_lr_scheduler_states=False)
-        _rank_zero(lambda: prune(self.run_dir, keep=self.config.train.keep_checkpoints))
+        agree(lambda: prune(self.run_dir, keep=self.config.train.keep_checkpoints)
+              if dist_utils.is_main() else None)
 
     def save(self, engine: Any, state: TrainState) -> None:
         """Every rank writes its engine state and makes sure it landed; then rank 0 commits
         (record last) and prunes to ``train.keep_checkpoints``. A storage failure on any rank
-        raises ``StorageError`` on every rank, with nothing committed."""
+        stops every rank (``rundir.agree``), with nothing committed."""
         folder = self.run_dir.child(CHECKPOINTS, tag_of(state.global_step))
         if folder.local:
             engine.save_checkpoint(str(folder.local_path().parent), tag=folder.name, client_state={},
@@ -521,7 +519,7 @@ class Checkpointer:
         else:
             with scratch("elcrec-save-") as local:
                 engine.save_checkpoint(str(local), tag=folder.name, client_state={}, save_latest=False)
-                uploaded = _every_rank(lambda: _upload_tree(local / folder.name, folder))
+                uploaded = gather(agree(lambda: _upload_tree(local / folder.name, folder)))
             files = [record for records in uploaded for record in records]
             duplicated = sorted({f.path for f in files if sum(g.path == f.path for g in files) > 1})
             if duplicated:
@@ -533,20 +531,23 @@ class Checkpointer:
             commit(folder, state=state, config=self.config.to_dict(), dataset=self.dataset, files=files)
             prune(self.run_dir, keep=self.config.train.keep_checkpoints)
 
-        _rank_zero(commit_and_prune)
+        agree(lambda: commit_and_prune() if dist_utils.is_main() else None)
 
     def save_best(self, model: torch.nn.Module, meta: dict[str, Any]) -> None:
         """The best weights so far, with the config and ``meta`` (rank 0 writes; collective, so
         that a failed write stops every rank)."""
-        _rank_zero(lambda: save_model(self.best_path, state=model.state_dict(),
-                                      config=self.config.to_dict(), meta=meta))
+        agree(lambda: save_model(self.best_path, state=model.state_dict(),
+                                 config=self.config.to_dict(), meta=meta)
+              if dist_utils.is_main() else None)
 
     def load_best(self, model: torch.nn.Module) -> bool:
         """Load the best weights into ``model`` if a best model was saved (every rank reads the
-        run folder's file); returns whether it was."""
-        if not self.run_dir.exists(BEST_MODEL):
+        run folder's file); returns whether it was. Collective."""
+        payload = agree(lambda: load_model(self.best_path)
+                        if self.run_dir.exists(BEST_MODEL) else None)
+        if payload is None:
             return False
-        model.load_state_dict(load_model(self.best_path)["model"])
+        model.load_state_dict(payload["model"])
         return True
 
 
@@ -560,7 +561,7 @@ def local_copy(restored: Restored) -> Iterator[Path]:
         yield folder.local_path()
         return
     with scratch("elcrec-restore-") as local:
-        _every_rank(lambda: _download_tree(folder, restored.files, local / folder.name))
+        agree(lambda: _download_tree(folder, restored.files, local / folder.name))
         yield local / folder.name
 
 
@@ -574,55 +575,6 @@ def _upload_tree(local: Path, folder: Folder) -> list[FileRecord]:
     """Upload every file under ``local`` to the same relative path in ``folder``; their records."""
     return [folder.upload(path, path.relative_to(local).as_posix())
             for path in sorted(local.rglob("*")) if path.is_file()]
-
-
-T = TypeVar("T")
-
-
-def _every_rank(work: Callable[[], T]) -> list[T]:
-    """Run ``work`` on every rank and return every rank's value, in rank order, on every rank.
-    If it fails with a storage or checkpoint error on any rank, every rank raises (the first
-    failure's kind, every failure's message): no rank is left waiting in a collective for one
-    that gave up. Collective."""
-    try:
-        outcome: tuple[Any, tuple[str, str] | None] = (work(), None)
-    except (StorageError, CheckpointError) as exc:
-        outcome = (None, (type(exc).__name__, f"rank {dist_utils.rank()}: {exc}"))
-    outcomes = _gather(outcome)
-    _raise_any([problem for _, problem in outcomes])
-    return [value for value, _ in outcomes]
-
-
-def _rank_zero(work: Callable[[], T]) -> T | None:
-    """Run ``work`` on rank 0 and return its value on every rank; a storage or checkpoint error
-    there is raised on every rank. Collective."""
-    outcome: tuple[Any, tuple[str, str] | None] = (None, None)
-    if dist_utils.is_main():
-        try:
-            outcome = (work(), None)
-        except (StorageError, CheckpointError) as exc:
-            outcome = (None, (type(exc).__name__, str(exc)))
-    value, problem = dist_utils.broadcast_object(outcome)
-    _raise_any([problem])
-    return value
-
-
-def _raise_any(problems: list[tuple[str, str] | None]) -> None:
-    found = [p for p in problems if p is not None]
-    if found:
-        kind = CheckpointError if found[0][0] == CheckpointError.__name__ else StorageError
-        raise kind("; ".join(message for _, message in found))
-
-
-def _gather(value: T) -> list[T]:
-    """Every rank's ``value``, in rank order, on every rank. Collective."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist_utils.world_size() == 1:
-        return [value]
-    out: list[Any] = [None] * dist_utils.world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 # --- the engine's own files: loaded weights-only ---------------------------------------------

@@ -50,7 +50,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -73,6 +73,15 @@ class LocationError(PermanentError, ValueError):
 class StorageError(RetryableError, OSError):
     """A storage operation failed after the library's retries, or wrote what it did not send.
     Retryable: the job can be run again (and resumes from its last committed checkpoint)."""
+
+
+class PeerError(Exception):
+    """Another rank's storage (or checkpoint) work failed: this rank stops too, with that
+    failure's exit code and message, rather than wait for it in a collective."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def attempts() -> int:
@@ -419,3 +428,45 @@ class Folder:
                 return
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(path, recursive=True)
+
+
+# --- storage work of several ranks -----------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def agree(work: Callable[[], T]) -> T:
+    """Run ``work`` on every rank (it may do nothing on some) and return this rank's value. If
+    it raises one of the project's errors (a ``StorageError`` past the retries, a refused
+    checkpoint, ...) on any rank, every rank raises: that rank its own error, the others a
+    ``PeerError`` with its exit code and message. So a failed upload, commit or download on one
+    rank stops every rank at once, none waits for it in a later collective, and every pod of a
+    job exits with the same code. Collective."""
+    from elcrec_dist import distributed as dist_utils
+
+    error: PermanentError | RetryableError | None = None
+    value: Any = None
+    try:
+        value = work()
+    except (PermanentError, RetryableError) as exc:
+        error = exc
+    mine = None if error is None else (int(error.exit_code), f"rank {dist_utils.rank()}: {error}")
+    problems = [p for p in gather(mine) if p is not None]
+    if error is not None:
+        raise error
+    if problems:
+        raise PeerError("; ".join(message for _, message in problems), problems[0][0])
+    return value
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's (picklable) ``value``, in rank order, on every rank. Collective."""
+    import torch.distributed as dist
+
+    from elcrec_dist import distributed as dist_utils
+
+    if not dist.is_initialized() or dist_utils.world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist_utils.world_size()
+    dist.all_gather_object(out, value)
+    return out

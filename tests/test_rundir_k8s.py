@@ -37,8 +37,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 # 400 users / 64 = 7 steps per epoch, 14 in all; a checkpoint every 3 steps and at epoch ends.
+# ZeRO stage 1: each rank writes its own optimizer partition, which must land before the commit.
 OVERRIDES = ["train.epochs=2", "train.batch_size=64", "train.checkpoint_every=3", "train.log_every=1",
-             "kmeans.sample_users=200", "kmeans.restarts=1", "kmeans.iterations=3", "model.num_clusters=4"]
+             "kmeans.sample_users=200", "kmeans.restarts=1", "kmeans.iterations=3", "model.num_clusters=4",
+             "deepspeed.zero_stage=1"]
 TIMING = re.compile(r"(per_s|seconds|_time|finished_at|time_split|time/|peak_memory|_s$)")
 
 
@@ -215,6 +217,11 @@ def test_two_pods_with_an_s3_run_folder_survive_a_killed_pod(
     found = [latest_checkpoint(run) for run in (straight, broken)]
     newest = [f[0] for f in found if f is not None]
     assert [f.name for f in newest] == ["step-00000014"] * 2
+    # pod 0 committed both pods' files: the model, and each rank's optimizer partition
+    records = [f[1] for f in found if f is not None]
+    assert [e["path"] for e in records[1]["files"]] == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     final = [load_model_weights(f) for f in newest]
     assert final[0].keys() == final[1].keys()
     for name, tensor in final[0].items():

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import PreparedSets
 from fault_proxy import FaultProxy
+from launch import deepspeed_command, deepspeed_env
 
 from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.rundir import Folder
@@ -235,3 +236,27 @@ def test_an_s3_run_folder_without_credentials_is_refused_before_any_work(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"run folder s3://{s3_env}/run: no storage credentials found" in proc.stderr
     assert "world size" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_whose_shard_cannot_land_stops_every_rank_before_the_commit(
+    s3_env: str, proxy: FaultProxy, small_synthetic: Path
+) -> None:
+    run = f"s3://{s3_env}/zero"
+    # ZeRO stage 1 over 2 ranks: rank 1 writes its own optimizer partition, and it never lands
+    proxy.inject("503", None, method="PUT", path=r"/zero/checkpoints/step-\d+/zero_pp_rank_1_")
+    sets = [a for o in [*OVERRIDES, "deepspeed.zero_stage=1"] for a in ("--set", o)]
+    cmd, _ = deepspeed_command("launcher/train.py", "--config", "configs/demo.yaml", "--data",
+                               str(small_synthetic), "--run-dir", run, *sets)
+    env = deepspeed_env(AWS_ENDPOINT_URL=proxy.url, AWS_MAX_ATTEMPTS="2", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 75, output[-3000:]
+    # rank 1 names its shard (rank 0 stops with it, "rank 1: ...", unless the launcher ends it first)
+    assert re.search(r"s3://\S+/zero_pp_rank_1_mp_rank_00_optim_states\.pt: storage failed "
+                     r"after 2 attempt\(s\)", output), output[-3000:]
+    stored = Folder(run).files()
+    assert any(name.endswith("/zero_pp_rank_0_mp_rank_00_optim_states.pt") for name in stored)
+    assert not [name for name in stored if name.endswith("COMMITTED.json")]
+    assert "results.json" not in stored

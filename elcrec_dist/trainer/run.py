@@ -18,7 +18,7 @@ from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.diagnostics import intent_recovery
 from elcrec_dist.model import ELCRec
 from elcrec_dist.planted import read_planted
-from elcrec_dist.rundir import Folder
+from elcrec_dist.rundir import Folder, agree
 from elcrec_dist.runlock import hold_run_folder
 from elcrec_dist.runlog import RunLogger, logger
 from elcrec_dist.stream import StreamingDataset
@@ -39,7 +39,7 @@ def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.dev
     verify_data(data)
     with hold_run_folder(config.train.run_dir):
         run_dir = prepare_run_dir(config)
-        run_log = RunLogger(run_dir, enabled=dist_utils.is_main())
+        run_log = agree(lambda: RunLogger(run_dir, enabled=dist_utils.is_main()))
         logger.info("run folder %s; %d users, %d items, world size %d", run_dir, info.num_users,
                     info.num_items, dist_utils.world_size())
         started = time.time()
@@ -55,11 +55,15 @@ def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.dev
 
 
 def prepare_run_dir(config: ExperimentConfig) -> Folder:
-    """The run folder every rank agrees on; the resolved config is written into it."""
+    """The run folder every rank agrees on; the resolved config is written into it (rank 0;
+    a failure there stops every rank)."""
     run_dir = Folder(dist_utils.broadcast_object(config.train.run_dir))
-    if dist_utils.is_main():
+
+    def write_config() -> None:
         run_dir.makedirs()
         run_dir.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+
+    agree(lambda: write_config() if dist_utils.is_main() else None)
     return run_dir
 
 
@@ -86,7 +90,8 @@ def finish_run(
     seconds: float,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Baselines and diagnostics for the record; writes ``results.json`` (rank 0)."""
+    """Baselines and diagnostics for the record; writes ``results.json`` (rank 0; a failure
+    there stops every rank, so that every pod of a job exits with the same code)."""
     summary: dict[str, Any] = {
         "test": result.test,
         "best_epoch": result.best_epoch,
@@ -101,8 +106,13 @@ def finish_run(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     summary.update(diagnostics(model, data, config, device=device))
-    if not dist_utils.is_main():
-        return summary
+    agree(lambda: _record(config, result, summary, model, data=data, run_log=run_log)
+          if dist_utils.is_main() else None)
+    return summary
+
+
+def _record(config: ExperimentConfig, result: FitResult, summary: dict[str, Any], model: ELCRec, *,
+            data: StreamingDataset, run_log: RunLogger) -> None:
     run_log.log({f"baseline/popularity/{k}": v for k, v in summary["popularity_test"].items()},
                 step=result.global_step)
     logger.info("test %s; popularity baseline NDCG@20 %.4f", json.dumps(result.test),
@@ -113,4 +123,3 @@ def finish_run(
                step=result.global_step)  # config text, hparams, norms, projector
     run_log.sync()  # the logs are complete in the run folder before results.json says "done"
     Folder(config.train.run_dir).write_text(json.dumps(summary, indent=2) + "\n", "results.json")
-    return summary
