@@ -192,12 +192,17 @@ def local_gradients(engine: Any) -> list[torch.Tensor]:
 
 
 def not_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """1.0 if ``loss`` or any element of ``grads`` is NaN or infinite, else 0.0 (0-dim float32,
-    on the loss's device; no host sync)."""
-    finite = torch.isfinite(loss.detach()).all()
-    for grad in grads:
-        finite = finite & torch.isfinite(grad).all()
-    return (~finite).float()
+    """1.0 if ``loss`` is NaN or infinite, or a gradient holds a NaN or infinity or squares past
+    float32's range, else 0.0 (0-dim float32 on the loss's device; no host sync).
+
+    The gradients are checked through their L2 norms (one fused pass, ``_foreach_norm``, as
+    ``clip_grad_norm_`` does; an element-wise ``isfinite`` pass cost 80x more on CPU). A norm is
+    not finite when an element is not, or when the squares overflow: elements above ~1e19,
+    which Adam's second moment (the squared gradient) would turn into infinity anyway.
+    """
+    norms = torch._foreach_norm(list(grads)) if grads else []
+    values = torch.stack([loss.detach().float().reshape(()), *(n.float() for n in norms)])
+    return (~torch.isfinite(values).all()).float()
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:
