@@ -124,6 +124,8 @@ def test_two_ranks_sparse_update_equals_dense_bitwise(dense_two_ranks: list[dict
         assert figures["exchange/item_sparse_steps"] == 1.0
         assert figures["exchange/item_bytes_sent"] == (2 - 1) * rows_max * (HIDDEN + 1) * 4
         assert figures["exchange/item_bytes_sent"] < ring_allreduce_bytes(table, 2)
+        assert figures["exchange/item_bytes_if_sparse"] == figures["exchange/item_bytes_sent"]
+        assert figures["exchange/item_bytes_if_dense"] == ring_allreduce_bytes(table, 2)
         both = sum(rank["figures"][step]["rows_here"] for rank in ranks)
         assert figures["exchange/item_rows_touched"] == both
         assert rows_max <= figures["exchange/item_rows_union"] <= both
@@ -139,7 +141,10 @@ def test_auto_stays_dense_where_the_table_is_small(tmp_path: Path) -> None:
     dense = _launch(tmp_path / "dense", 2, exchange="dense", num_items=300, steps=2)
     auto = _launch(tmp_path / "auto", 2, exchange="auto", num_items=300, steps=2)
     _assert_equal_runs(auto[0], dense[0])
-    assert all(f["exchange/item_sparse_steps"] == 0.0 for f in auto[0]["figures"])
+    for figures in auto[0]["figures"]:
+        assert figures["exchange/item_sparse_steps"] == 0.0
+        assert figures["exchange/item_bytes_if_sparse"] > figures["exchange/item_bytes_if_dense"]
+        assert figures["exchange/item_bytes_sent"] == figures["exchange/item_bytes_if_dense"]
 
 
 @pytest.mark.distributed

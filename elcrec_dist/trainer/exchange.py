@@ -40,7 +40,10 @@ every step, touched or not.
 Bytes (logged per step as ``exchange/...``, means over the logging interval): wire bytes one
 rank sends for the table under the usual ring algorithms, ``2 (w - 1) / w x (N + 1) x D x 4``
 for the all-reduce and ``(w - 1) x R_max x (D + 1) x 4`` for the all-gather of rows padded to
-the largest rank's count R_max (each row carries its id as one more int32).
+the largest rank's count R_max (each row carries its id as one more int32):
+``item_bytes_sent`` what was sent, ``item_bytes_if_dense`` / ``item_bytes_if_sparse`` both ways
+(sparse and auto), ``item_rows_touched`` the ranks' touched rows summed, ``item_rows_union``
+the distinct ones, ``item_sparse_steps`` the share of steps that went sparse.
 """
 
 from __future__ import annotations
@@ -146,14 +149,17 @@ class SparseExchange(ItemExchange):
         rows, width = table.shape[1], max(counts)
         sparse_bytes = float((world - 1) * width * (rows + 1) * 4)
         dense_bytes = ring_allreduce_bytes(table.numel(), world)
+        both = {"exchange/item_bytes_if_dense": dense_bytes,
+                "exchange/item_bytes_if_sparse": sparse_bytes,
+                "exchange/item_rows_touched": float(sum(counts))}
         if self.choose_cheaper and dense_bytes <= sparse_bytes:
             engine.buffered_allreduce_fallback(grads=[table.grad.data])
-            self.log.add({"exchange/item_bytes_sent": dense_bytes, "exchange/item_sparse_steps": 0.0})
+            self.log.add({**both, "exchange/item_bytes_sent": dense_bytes,
+                          "exchange/item_sparse_steps": 0.0})
             return
         union = exchange_rows(engine, table.grad, ids, counts)
-        self.log.add({"exchange/item_bytes_sent": sparse_bytes, "exchange/item_sparse_steps": 1.0,
-                      "exchange/item_rows_union": float(union),
-                      "exchange/item_rows_touched": float(sum(counts))})
+        self.log.add({**both, "exchange/item_bytes_sent": sparse_bytes,
+                      "exchange/item_sparse_steps": 1.0, "exchange/item_rows_union": float(union)})
 
 
 class AutoExchange(SparseExchange):
