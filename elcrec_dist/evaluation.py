@@ -149,7 +149,6 @@ class TopK:
 # unspecified order among equal values never decides anything.
 _ID_SPAN = 1 << 32
 _MISSING = torch.iinfo(torch.int64).min  # an excluded item: below every packed key
-_NO_EFFECT = torch.iinfo(torch.int64).max  # leaves a key as it is under scatter "amin"
 
 
 def _pack(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -181,15 +180,11 @@ def _check_k(k: int, num_items: int) -> None:
 
 
 def _exclude(values: torch.Tensor, lo: int, history: torch.Tensor, mark: float | int) -> None:
-    """Write ``mark`` over the history's items in a tile [B, T] of items lo.. (in place)."""
+    """Write ``mark`` over the history's items in a tile [B, T] of items lo.. (in place).
+    Duplicate history ids write the same mark twice, which leaves one answer."""
     inside = (history >= lo) & (history < lo + values.shape[1])  # [B, L]; padding never inside
-    index = torch.where(inside, history - lo, 0)
-    # "amin" with the largest value of the dtype leaves the other entries as they are, whatever
-    # the order in which the writes land (duplicate history ids, and index 0 for the rest).
-    spare = torch.inf if values.is_floating_point() else _NO_EFFECT
-    marks = torch.full_like(history, 0, dtype=values.dtype)
-    marks.masked_fill_(inside, mark).masked_fill_(~inside, spare)
-    values.scatter_reduce_(1, index, marks, reduce="amin")
+    rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(history)
+    values[rows[inside], history[inside] - lo] = mark
 
 
 def _tile_best(
