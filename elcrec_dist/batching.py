@@ -52,11 +52,15 @@ def sample_negatives(
 
     targets: [B, T] (0 = padding); returns [B, T] with 0 at padded positions.
     """
-    seen = padded_right(sequences, fill=-1)  # [B, L]
+    # Each user's items sorted (padding num_items + 1 sorts last and matches no draw): a draw
+    # is looked up by binary search, not compared with all L items of its row.
+    seen = padded_right(sequences, fill=num_items + 1).sort(dim=1).values  # [B, L]
+    last = seen.shape[1] - 1
     negatives = torch.randint(1, num_items + 1, targets.shape, generator=generator)
     todo = targets > 0
     for _ in range(MAX_RESAMPLE_ROUNDS):
-        clash = (negatives[:, :, None] == seen[:, None, :]).any(dim=-1) & todo  # [B, T]
+        found = seen.gather(1, torch.searchsorted(seen, negatives).clamp_(max=last)) == negatives
+        clash = found & todo  # [B, T]
         if not clash.any():
             break
         fresh = torch.randint(1, num_items + 1, targets.shape, generator=generator)

@@ -52,6 +52,33 @@ def test_negatives_avoid_the_whole_sequence() -> None:
     assert unseen.min() > 35 and unseen.max() < 100
 
 
+def test_negatives_equal_a_naive_membership_loop() -> None:
+    """The same draws as a loop that checks each draw against a Python set of the user's items:
+    rows of different lengths, repeated items, padding positions, several resampling rounds."""
+    num_items = 30
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(1, num_items + 1, size=int(rng.integers(4, 26))) for _ in range(40)]
+    targets = torch.from_numpy(rng.integers(0, num_items + 1, size=(40, 12)))
+
+    def naive(generator: torch.Generator) -> torch.Tensor:
+        negatives = torch.randint(1, num_items + 1, targets.shape, generator=generator)
+        for _ in range(100):
+            clash = torch.tensor([
+                [bool(targets[r, c] > 0) and int(negatives[r, c]) in set(seqs[r].tolist())
+                 for c in range(targets.shape[1])]
+                for r in range(targets.shape[0])
+            ])
+            if not clash.any():
+                break
+            fresh = torch.randint(1, num_items + 1, targets.shape, generator=generator)
+            negatives = torch.where(clash, fresh, negatives)
+        return torch.where(targets > 0, negatives, torch.zeros_like(negatives))
+
+    for seed in range(5):
+        got = sample_negatives(targets, seqs, num_items, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, naive(torch.Generator().manual_seed(seed)))
+
+
 def test_deepspeed_config_carries_the_batch_triplet_and_refuses_uneven_splits() -> None:
     cfg = load_config(None, ["train.batch_size=256", "deepspeed.zero_stage=1"])
     ds = deepspeed_config(cfg, 2)
