@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.config import ExperimentConfig
+from elcrec_dist.config import ExperimentConfig, safe_load
 from elcrec_dist.errors import PermanentError, one_line
 from elcrec_dist.rundir import FileRecord, Folder, agree, gather, scratch
 from elcrec_dist.runlog import logger
@@ -266,9 +266,11 @@ def latest_checkpoint(run_dir: str | Path | Folder) -> tuple[Folder, dict[str, A
 
     Raises ``CheckpointError`` when the newest complete checkpoint holds a pickle that a
     weights-only load refuses (``refuse_unsafe_pickles``), and when no checkpoint is usable
-    but the folder has a history: a committed checkpoint that is now damaged, or logged
-    training steps. Starting afresh there would lay a second history over the first (and
-    ``--resume auto`` would do it silently), so the run folder is left for a person to look at.
+    but the folder has committed checkpoints that are now damaged: starting afresh there would
+    lay a second history over the first (and ``--resume auto`` would do it silently), so the
+    run folder is left for a person to look at. A folder with logged steps but no checkpoint at
+    all is a run killed before its first save; ``Checkpointer.check_resumable`` decides whether
+    it may start afresh (only with the settings it was started with).
     """
     run_dir = Folder.of(run_dir)
     damaged: list[str] = []
@@ -280,19 +282,18 @@ def latest_checkpoint(run_dir: str | Path | Folder) -> tuple[Folder, dict[str, A
         logger.warning("checkpoint %s is not usable: %s; trying an older one", folder, problem)
         if problem != INCOMPLETE:
             damaged.append(f"{folder.name} ({problem})")
-    steps = _logged_training_steps(run_dir)
-    if damaged or steps:
-        found = (f"committed checkpoints that no longer verify: {'; '.join(damaged)}" if damaged
-                 else f"{steps} logged training step(s) in {METRICS_FILE} and no checkpoint")
+    if damaged:
         raise CheckpointError(
-            f"{run_dir}: no usable checkpoint, but the run folder has a history ({found}). "
-            "Refusing to start afresh over it: restore the checkpoints from a copy, or move the "
-            "folder aside (or pass another --run-dir) to start a new run"
+            f"{run_dir}: no usable checkpoint, but the run folder has a history (committed "
+            f"checkpoints that no longer verify: {'; '.join(damaged)}). Refusing to start afresh "
+            "over it: restore the checkpoints from a copy, or move the folder aside (or pass "
+            "another --run-dir) to start a new run"
         )
     return None
 
 
 METRICS_FILE = "metrics.jsonl"  # the run log's rows (``RunLogger``)
+CONFIG_FILE = "config.yaml"  # the resolved config a run writes into its folder
 
 
 def _logged_training_steps(run_dir: Folder) -> int:
@@ -476,6 +477,38 @@ class Checkpointer:
         if found is not None:
             check_resume(*found, config=self.config.to_dict(), dataset=self.dataset,
                          world=dist_utils.world_size())
+            return
+        steps = _logged_training_steps(self.run_dir)
+        if steps:
+            self._check_killed_before_first_save(steps)
+
+    def _check_killed_before_first_save(self, steps: int) -> None:
+        """Logged training steps and no checkpoint: a run killed before its first save (a pod
+        killed in its first epoch). Its retry starts afresh, the log rewound, but only with the
+        settings in the folder's ``config.yaml``: other settings would lay another run's
+        history over this one's."""
+        history = f"{steps} logged training step(s) in {METRICS_FILE} and no checkpoint"
+        try:
+            stored = safe_load(self.run_dir.read_text(CONFIG_FILE))
+        except FileNotFoundError:
+            stored = None
+        if not isinstance(stored, dict):
+            raise CheckpointError(
+                f"{self.run_dir}: no usable checkpoint, but the run folder has a history "
+                f"({history}) and no {CONFIG_FILE} saying which run made it. Refusing to start "
+                "afresh over it: move the folder aside (or pass another --run-dir)"
+            )
+        changes = config_changes(stored, self.config.to_dict())
+        if changes.changed:
+            listed = "; ".join(f"{key}: {before!r} in {CONFIG_FILE}, {after!r} now"
+                               for key, (before, after) in changes.changed.items())
+            raise CheckpointError(
+                f"{self.run_dir}: no usable checkpoint, but the run folder has a history "
+                f"({history}) of a run with other settings ({listed}). Refusing to start "
+                "afresh over it: resume with its settings, or pass another --run-dir"
+            )
+        logger.warning("%s: %s, written with these settings: a run killed before its first "
+                       "checkpoint; starting afresh (its log is rewound)", self.run_dir, history)
 
     def find(self, resume: str | None) -> Restored | None:
         """The newest complete checkpoint to resume from, as rank 0 chose it (every rank gets

@@ -122,6 +122,8 @@ class Trainer:
         the intent source start the centres; build the engine. Returns whether it resumed."""
         self.model = init_model(self.config, num_items=self.data.info.num_items, device=self.device)
         restored = self.checkpointer.find(self.resume)
+        if restored is None and self.resume:  # killed before its first checkpoint: log afresh
+            self.run_log.rewind(-1)
         if restored is None and self.config.train.init_from:  # daily retraining: carry over
             self.run_log.log(warm_start(self.model, self.config, self.data.info, self.data.url),
                              step=0)

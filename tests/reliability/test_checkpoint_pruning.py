@@ -1,20 +1,24 @@
 """Damaged checkpoints (issue 20, item 4): whether a checkpoint counts is decided by its hashes,
 not by the presence of its commit record; falling back past one says why; ``--resume auto``
-over a history with no usable checkpoint refuses instead of starting a second history."""
+over a history with damaged checkpoints refuses instead of starting a second history, and a run
+killed before its first checkpoint starts afresh with its own settings, its log rewound."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import PreparedSets
-from faults import DATA, train
+from faults import DATA, STEPS_PER_EPOCH, logged_losses, train
 
 from elcrec_dist import checkpoint as ckpt
-from elcrec_dist.errors import EXIT_PERMANENT
+from elcrec_dist.config import ExperimentConfig, load_config
+from elcrec_dist.errors import EXIT_OK, EXIT_PERMANENT
 
 
 def _checkpoint(run_dir: Path, step: int, *, damaged: bool = False) -> Path:
@@ -72,17 +76,33 @@ def test_falling_back_past_a_damaged_checkpoint_logs_why(
 
 def test_a_history_without_a_usable_checkpoint_is_not_fresh(tmp_path: Path) -> None:
     assert ckpt.latest_checkpoint(tmp_path / "new") is None  # nothing there: fresh
+    config = load_config(None, ["train.lr=0.001"])
     steps_only = tmp_path / "logged"
     steps_only.mkdir()
     (steps_only / "metrics.jsonl").write_text(
         '{"step": 0, "kmeans/inertia": 1.0}\n{"step": 3, "loss/total": 2.0}\n'
     )
-    with pytest.raises(ckpt.CheckpointError, match="1 logged training step"):
-        ckpt.latest_checkpoint(steps_only)
+    # no config.yaml: nobody can tell which run made the history
+    with pytest.raises(ckpt.CheckpointError, match=r"1 logged training step.*no config\.yaml"):
+        _checker(steps_only, config).check_resumable()
+    # another run's settings: refused, naming the key
+    other = load_config(None, ["train.lr=0.002"])
+    (steps_only / "config.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    with pytest.raises(ckpt.CheckpointError, match=r"1 logged training step.*train\.lr: 0\.002"):
+        _checker(steps_only, config).check_resumable()
+    # the same settings: a run killed before its first checkpoint, which may start afresh
+    (steps_only / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    _checker(steps_only, config).check_resumable()
+    assert ckpt.latest_checkpoint(steps_only) is None
     killed_early = tmp_path / "killed-before-any-step"
     killed_early.mkdir()
     (killed_early / "metrics.jsonl").write_text('{"step": 0, "kmeans/inertia": 1.0}\n{"step": 0')
     assert ckpt.latest_checkpoint(killed_early) is None  # no step trained: still fresh
+    _checker(killed_early, config).check_resumable()
+
+
+def _checker(run_dir: Path, config: ExperimentConfig) -> ckpt.Checkpointer:
+    return ckpt.Checkpointer(run_dir, config=config, dataset={"users": 1})
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +124,25 @@ def test_resume_auto_with_only_damaged_checkpoints_refuses(data: Path, tmp_path:
     assert "Refusing to start afresh" in line
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # no second history
     assert damaged.is_dir() and ckpt.verify(damaged) is None  # left for a person to look at
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(data: Path, tmp_path: Path) -> None:
+    """A pod killed in its first epoch leaves logged steps, config.yaml and no checkpoint; its
+    retry (``--resume auto``, the manifests' default) must train, not fail the Job, and the log
+    must hold one history, the same as a run that was never killed."""
+    whole = tmp_path / "whole"
+    assert train(data, whole).returncode == EXIT_OK
+    run_dir = tmp_path / "killed"
+    first = train(data, run_dir)
+    assert first.returncode == EXIT_OK, first.stderr[-3000:]
+    for name in ("checkpoints",):  # as if killed before its first save
+        shutil.rmtree(run_dir / name)
+    for name in ("best_model.pt", "results.json"):
+        (run_dir / name).unlink()
+    again = train(data, run_dir, resume="auto")
+    assert again.returncode == EXIT_OK, again.stderr[-3000:]
+    assert "a run killed before its first checkpoint; starting afresh" in again.stderr
+    losses = logged_losses(run_dir)
+    assert losses == logged_losses(whole)  # one history, bit for bit the uninterrupted one
+    assert sorted(losses) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
