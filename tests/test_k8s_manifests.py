@@ -579,6 +579,20 @@ def test_a_mutable_tag_is_refused_unless_allowed(capsys):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_trainer_pods_have_time_to_checkpoint_on_sigterm(capsys, kind):
+    """Every trainer pod gets the grace period (SIGTERM -> checkpoint -> exit 75 takes longer
+    than Kubernetes' default 30 s); TensorBoard keeps the default."""
+    objects = render(capsys, *train_args(2, 8), *KINDS[kind], "--grace-period", "420")
+    validate_schemas(objects)
+    for owner, template in [(o["kind"], t) for o in objects for t in pod_templates(o)]:
+        expected = None if owner == "Deployment" else 420
+        assert template["spec"].get("terminationGracePeriodSeconds") == expected, owner
+    default = render(capsys, *train_args(2, 8), *KINDS[kind])
+    assert {t["spec"].get("terminationGracePeriodSeconds")
+            for o in default for t in pod_templates(o) if o["kind"] != "Deployment"} == {300}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_queue_label_and_priority_class(capsys, kind):
     """The queue labels the object Kueue admits (the workload), the priority class every trainer
     pod; TensorBoard gets neither, and without the options nothing is set."""
@@ -711,6 +725,7 @@ def test_prep_pvc_input_is_mounted_read_only(capsys):
         (train_args(2, 8, "--set", "train.epochs=zero"), "train.epochs: expected an integer"),
         (train_args(2, 8, "--image", "repo@sha256:abc"), "a digest is written @sha256:<64"),
         (train_args(2, 8, "--queue", "team a"), "--queue 'team a' is not a valid label value"),
+        (train_args(2, 8, "--grace-period", "0"), "--grace-period must be >= 1 s"),
         (train_args(2, 8, "--priority-class", "High_Prio"), "--priority-class 'High_Prio' is not"),
         (train_args(2, 8, "--tensorboard-s3-secret", "elcrec-s3"), "is the trainer's Secret"),
         (train_args(2, 8, "--service-account", "sa", "--tensorboard-service-account", "sa"),

@@ -120,6 +120,7 @@ def train_spec(args: argparse.Namespace) -> m.TrainSpec:
         scratch_size=args.scratch_size,
         master_port=master_port,
         retries=args.retries,
+        grace_period_s=args.grace_period,
         train_args=tuple(args.train_arg),
         tensorboard=args.tensorboard,
         tensorboard_secret=args.tensorboard_s3_secret,
@@ -427,6 +428,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", help="CPU request per pod, e.g. 32")
     p.add_argument("--memory", help="memory request and limit per pod, e.g. 200Gi")
     p.add_argument("--shm-size", default="16Gi", help="/dev/shm size (default 16Gi)")
+    p.add_argument("--grace-period", type=int, default=300, metavar="S",
+                   help="seconds from SIGTERM to SIGKILL for a trainer pod, time for its "
+                        "checkpoint (default 300; Kubernetes' own is 30)")
     p.add_argument("--scratch-size", default="20Gi", help="/tmp size (default 20Gi)")
     p.add_argument("--master-port", type=int,
                    help=f"rendezvous port (default {DEFAULT_MASTER_PORT}; a TrainJob's is "

@@ -250,6 +250,9 @@ class TrainSpec:
     scratch_size: str = "20Gi"
     master_port: int = 29500
     retries: int = 3
+    # Seconds between SIGTERM and SIGKILL for a trainer pod: every rank checkpoints at its next
+    # step and uploads it (docs/RELIABILITY.md), which Kubernetes' default of 30 s may not cover.
+    grace_period_s: int = 300
     train_args: tuple[str, ...] = ()
     tensorboard: bool = True
     # TensorBoard only reads the run folder: its own read-only credentials, never the trainer's.
@@ -280,6 +283,8 @@ class TrainSpec:
             raise ManifestError(f"--procs-per-node must be >= 1, got {self.procs_per_node}")
         if self.retries < 0:
             raise ManifestError(f"--retries must be >= 0, got {self.retries}")
+        if self.grace_period_s < 1:
+            raise ManifestError(f"--grace-period must be >= 1 s, got {self.grace_period_s}")
         if not 0 < self.master_port < 65536:
             raise ManifestError(f"--master-port {self.master_port} is not a TCP port")
         check_quantity(self.cpu, what="--cpu")
@@ -404,11 +409,14 @@ def _base_env() -> list[Obj]:
 
 
 def _pod_spec(pod: PodOptions, containers: list[Obj], volumes: list[Obj], *, restart: str,
-              gpu_toleration: bool, subdomain: str | None = None) -> Obj:
+              gpu_toleration: bool, subdomain: str | None = None,
+              grace_period_s: int | None = None) -> Obj:
     spec: Obj = {}
     if subdomain:
         spec["subdomain"] = subdomain
     spec["restartPolicy"] = restart
+    if grace_period_s is not None:
+        spec["terminationGracePeriodSeconds"] = grace_period_s
     if pod.priority_class:
         spec["priorityClassName"] = pod.priority_class
     if pod.service_account:
@@ -567,7 +575,8 @@ def training_job(spec: TrainSpec) -> Obj:
     template = {
         "metadata": {"labels": labels(spec.name, "trainer")},
         "spec": _pod_spec(spec.pod, [container], volumes, restart="Never",
-                          gpu_toleration=spec.gpus_per_node > 0, subdomain=spec.name),
+                          gpu_toleration=spec.gpus_per_node > 0, subdomain=spec.name,
+                          grace_period_s=spec.grace_period_s),
     }
     return {
         "apiVersion": "batch/v1",
@@ -601,7 +610,8 @@ def pytorch_job(spec: TrainSpec) -> Obj:
             "template": {
                 "metadata": {"labels": labels(spec.name, "trainer")},
                 "spec": _pod_spec(spec.pod, [container], volumes, restart="OnFailure",
-                                  gpu_toleration=spec.gpus_per_node > 0),
+                                  gpu_toleration=spec.gpus_per_node > 0,
+                                  grace_period_s=spec.grace_period_s),
             },
         }
 
@@ -641,7 +651,8 @@ def training_runtime(spec: TrainSpec) -> Obj:
         "template": {
             "metadata": {"labels": labels(spec.name, "trainer")},
             "spec": _pod_spec(spec.pod, [container], volumes, restart="Never",
-                              gpu_toleration=spec.gpus_per_node > 0),
+                              gpu_toleration=spec.gpus_per_node > 0,
+                              grace_period_s=spec.grace_period_s),
         },
     }
     return {
