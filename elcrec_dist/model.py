@@ -59,6 +59,7 @@ class Dropout(nn.Module):
 _HALF_SCALE = np.array([0.0, 2.0], dtype=np.float32)
 
 
+@torch.compiler.disable  # host code (numpy): a compiled model calls it as it is
 def keep_scale(shape: torch.Size, p: float) -> torch.Tensor:
     """A dropout mask for CPU: float32 [shape], 0 with probability p, else 1/(1-p)."""
     if p == 0.5:
