@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="epochs and passes to time")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="epochs and passes to time")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps")
     args = parser.parse_args()
     if args.repeat < 1:
@@ -125,7 +126,8 @@ def main() -> None:
     train_epoch_s = min(epochs)
     print(json.dumps({
         "train_epoch_s": round(train_epoch_s, 2), "eval_s": round(min(passes), 3),
-        "train_epoch_s_all": [round(s, 2) for s in epochs], "eval_s_all": [round(s, 3) for s in passes],
+        "train_epoch_s_all": [round(s, 2) for s in epochs],
+        "eval_s_all": [round(s, 3) for s in passes],
         "train_epoch_cpu_s": [round(s, 2) for s in epochs_cpu],
         "eval_cpu_s": [round(s, 3) for s in passes_cpu],
         "steps": steps, "users": users, "step_ms": round(1000 * train_epoch_s / steps, 1),

@@ -100,7 +100,8 @@ class SelfAttention(nn.Module):
         queries = x[:, -1:] if last_only else x
         if last_only:
             mask = mask[:, :, -1:]
-            q, k, v = self.heads(queries, self.query), self.heads(x, self.key), self.heads(x, self.value)
+            q = self.heads(queries, self.query)
+            k, v = self.heads(x, self.key), self.heads(x, self.value)
         else:
             # One product for the three projections (their weights stacked, [3D, D]): the input
             # is read once and the backward accumulates one input gradient instead of three.
