@@ -181,7 +181,8 @@ def _check_k(k: int, num_items: int) -> None:
 
 def _exclude(values: torch.Tensor, lo: int, history: torch.Tensor, mark: float | int) -> None:
     """Write ``mark`` over the history's items in a tile [B, T] of items lo.. (in place).
-    Duplicate history ids write the same mark twice, which leaves one answer."""
+    A history id that occurs twice is written twice with the same mark: the order of the writes
+    cannot change the result."""
     inside = (history >= lo) & (history < lo + values.shape[1])  # [B, L]; padding never inside
     rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(history)
     values[rows[inside], history[inside] - lo] = mark
