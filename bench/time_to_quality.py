@@ -2,7 +2,7 @@
 
     python -m bench.time_to_quality --target 0.0632 --half-of 278 \\
         --curve faithful=docs/results/beauty-elcrec-seed1-full-valid-ndcg20.csv \\
-        --run 'seq_cl_temperature 50=runs/reproduce/beauty/elcrec-seed1-e139-6d35f0d8' \\
+        --run 'tau 50=runs/reproduce/beauty/elcrec-seed1-e139-6d35f0d8' \\
         --out docs/results/figures/time-to-quality-beauty.png
 
 A ``--run`` is a run folder (its ``metrics.jsonl``: valid NDCG@20 after each epoch, and the
