@@ -1,4 +1,4 @@
-"""bench.time_to_quality: the first epoch at a target, the seconds to it, a curve read from a plot."""
+"""bench.time_to_quality: first epoch at a target, seconds to it, a curve read from a plot."""
 
 from __future__ import annotations
 
