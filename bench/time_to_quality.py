@@ -7,9 +7,9 @@
 
 A ``--run`` is a run folder (its ``metrics.jsonl``: valid NDCG@20 after each epoch, and the
 k-means, training and validation seconds up to that epoch); a ``--curve`` is a CSV of
-``epoch,value`` rows. For each it prints one JSON line: the first epoch whose validation NDCG@20 reaches
-``--target`` (null if none), the wall seconds of training and validation up to it (runs
-only), and the best value and its epoch. The figure holds every curve, the target as a
+``epoch,value`` rows. For each it prints one JSON line: the first epoch whose validation
+NDCG@20 reaches ``--target`` (null if none), the wall seconds of training and validation up
+to it (runs only), and the best value and its epoch. The figure holds every curve, the target as a
 horizontal line and, with ``--half-of E``, the epoch budget E / 2 as a vertical one.
 
 ``--digitise PNG`` instead reads a curve back from a figure the reproduction harness drew
