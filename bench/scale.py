@@ -299,10 +299,33 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
         if step >= 2:
             step_s.append(time.perf_counter() - t0)
         figures.append(exchange_figures(engine))
-    return {"rank": rank, "num_items": args.num_items, "exchange": args.exchange,
-            "hidden_size": config.model.hidden_size, "step_s": step_s,
-            "figures": _means(figures[2:]), "threads": torch.get_num_threads(),
-            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"rank": rank, "num_items": args.num_items, "exchange": args.exchange,
+           "hidden_size": config.model.hidden_size, "step_s": step_s,
+           "figures": _means(figures[2:]), "threads": torch.get_num_threads(),
+           "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.profile:
+        out["profile"] = profile_steps(engine, config, args, rank=rank, local=local)
+    return out
+
+
+def profile_steps(engine: Any, config: Any, args: argparse.Namespace, *, rank: int,
+                  local: int) -> list[dict[str, Any]]:
+    """Where ``--profile`` more steps spend their time (torch.profiler, self CPU time): the ten
+    largest operators, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from elcrec_dist.trainer.engine import run_step
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(args.profile):
+            users = sweep_users(local, args.num_items, seed=7000 + 1000 * step + rank)
+            run_step(engine, users, config, num_items=args.num_items, rank=rank,
+                     global_step=100 + step)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total,
+             "ms_per_step": e.self_cpu_time_total / 1000 / args.profile} for e in top]
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -351,6 +374,8 @@ def main() -> int:
     parser.add_argument("--sweep", default="12000,100000,1000000,10000000",
                         help="catalogue sizes of the step-time sweep, each N or N:HIDDEN ('' for none)")
     parser.add_argument("--sweep-steps", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N more steps of each sweep point (torch.profiler)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--workdir", default="/tmp/scale")
     parser.add_argument("--reuse-data", action="store_true", help="reuse builds made before")
@@ -389,10 +414,14 @@ def main() -> int:
         for exchange in ("dense", "sparse"):
             ranks = launch(["--worker", "sweep", "--num-items", str(num_items), "--exchange",
                             exchange, "--sweep-steps", str(args.sweep_steps),
+                            "--profile", str(args.profile),
                             "--set", f"model.hidden_size={hidden}",
                             *[a for o in args.overrides for a in ("--set", o)]],
                            out=root / f"out-sweep-{num_items}-{exchange}")
             steps = np.array([r["step_s"] for r in ranks]).max(axis=0)
+            if args.profile:
+                print(json.dumps({"profile": ranks[0]["profile"], "num_items": num_items,
+                                  "exchange": exchange}), file=sys.stderr, flush=True)
             row = {"num_items": num_items, "hidden_size": hidden, "exchange": exchange,
                    "step_ms_median": float(np.median(steps) * 1000),
                    "item_bytes_sent_per_rank": ranks[0]["figures"].get("exchange/item_bytes_sent"),
@@ -423,6 +452,7 @@ def worker_main() -> int:
     parser.add_argument("--exchange", default="sparse")
     parser.add_argument("--num-items", type=int, default=0)
     parser.add_argument("--sweep-steps", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()

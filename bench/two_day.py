@@ -2,7 +2,8 @@
 start on day 2.
 
     python -m bench.two_day [--interactions 600000] [--users 15000] [--items 3000]
-        [--day1-epochs 30] [--epochs 30] [--workdir /tmp/two_day] [--figure PATH] [--keep]
+        [--day1-epochs 30] [--epochs 30] [--patience 5] [--workdir /tmp/two_day]
+        [--figure PATH] [--keep]
 
 The scenario (``write_two_days``): one planted-intent raw log (``data_prep.synthetic_logs``,
 string ids, no bots or malformed rows) cut into two days' logs, each built with
@@ -14,8 +15,9 @@ string ids, no bots or malformed rows) cut into two days' logs, each built with
   adds the users who started after the cut, the new items, and the later events of everyone.
 
 Then three runs of the real entry point (``launcher/train.py``, a world of one, validation
-every epoch, early stopping off): day 1 from scratch; day 2 from scratch (cold); day 2 from
-day 1's best model (``--init-from``, warm). Prints one JSON line (both day-2 curves of valid
+every epoch, early stopping after ``--patience`` evaluations without a better valid NDCG@20):
+day 1 from scratch; day 2 from scratch (cold); day 2 from day 1's best model (``--init-from``,
+warm). Prints one JSON line (both day-2 curves of valid
 NDCG@20, the cold start's best and the first epoch at which each run reached it) and, with
 ``--figure``, plots both curves.
 """
@@ -99,12 +101,12 @@ def _build(logs: Path, output: Path, *, jobs: int) -> None:
         raise RuntimeError(f"data_prep.build of {logs} exited {code}")
 
 
-def train(config: Path, data: Path, run_dir: Path, *, epochs: int, init_from: Path | None,
-          extra: list[str]) -> dict[str, Any]:
+def train(config: Path, data: Path, run_dir: Path, *, epochs: int, patience: int,
+          init_from: Path | None, extra: list[str]) -> dict[str, Any]:
     """One run of ``launcher/train.py`` (a world of one); returns its results.json."""
     cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(config),
            "--data", str(data), "--run-dir", str(run_dir), "--set", f"train.epochs={epochs}",
-           "--set", f"train.patience={epochs}"]
+           "--set", f"train.patience={patience}"]
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]
     for override in extra:
@@ -165,7 +167,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=15_000)
     parser.add_argument("--items", type=int, default=3000)
     parser.add_argument("--day1-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of each day-2 run")
+    parser.add_argument("--epochs", type=int, default=30, help="at most, each day-2 run")
+    parser.add_argument("--patience", type=int, default=5,
+                        help="early stopping: evaluations without a better valid NDCG@20")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--workdir", default="/tmp/two_day")
@@ -181,12 +185,13 @@ def main() -> int:
                           items=args.items, jobs=os.cpu_count() or 1)
     prep_s = time.perf_counter() - started
     config, extra = Path(args.config), list(args.overrides)
+    kw = {"patience": args.patience, "extra": extra}
     day1 = train(config, days.day1, root / "run-day1", epochs=args.day1_epochs, init_from=None,
-                 extra=extra)
+                 **kw)
     cold = train(config, days.day2, root / "run-day2-cold", epochs=args.epochs, init_from=None,
-                 extra=extra)
+                 **kw)
     warm = train(config, days.day2, root / "run-day2-warm", epochs=args.epochs,
-                 init_from=root / "run-day1", extra=extra)
+                 init_from=root / "run-day1", **kw)
     infos = {name: json.loads((path / "manifest.json").read_text())
              for name, path in (("day1", days.day1), ("day2", days.day2))}
     target = max(cold["valid_history"])
