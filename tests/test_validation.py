@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import PreparedSets
+from launch import deepspeed_command, deepspeed_env
 
 from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
@@ -26,6 +29,7 @@ from elcrec_dist.stream import StreamingDataset
 from elcrec_dist.trainer.validation import evaluate_sharded, user_chunks, valid_sample_seed
 
 DEVICE = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSpec(users=900, items=300, intents=4, seed=3)
 
 
@@ -172,3 +176,26 @@ def test_sampled_metrics_are_labelled_and_leave_full_ranking_alone(dataset: Path
                               distribution="popularity", seed=1, weights=counts)
     drawn = sampler.draw(ids[:5], seqs[:5], "valid")
     assert all(counts[drawn[r]].min() > 0 for r in range(5))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_validate_the_same_sample_with_the_same_metrics(dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    """The sample, the full ranking and the sampled metrics do not depend on the world size:
+    2 ranks (each its part of the sample, sums added over ranks) give the one-process numbers."""
+    overrides = ["model.num_clusters=4", "eval.batch_size=128", "eval.valid_users=250",
+                 "eval.sampled_negatives=50", "eval.sampled_distribution=popularity"]
+    worker = REPO / "tests" / "workers" / "valid_ranks.py"
+    cmd, _ = deepspeed_command(worker, "--data", str(dataset), "--out", str(tmp_path), ranks=2)
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=deepspeed_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "metrics.json").read_text())
+    config = load_config(None, overrides)
+    one = evaluate_sharded(_model(config, SPEC.items), StreamingDataset.open(str(dataset)),
+                           config, split="valid", device=DEVICE)
+    assert set(two) == set(one) and any(k.startswith("sampled_pop50/") for k in one)
+    assert two == pytest.approx(one, abs=1e-12)
