@@ -55,10 +55,6 @@ class Dropout(nn.Module):
         return x * keep_scale(x.shape, self.p).to(x.dtype)
 
 
-# Scale of a dropped and of a kept element at p = 0.5, indexed by the element's random bit.
-_HALF_SCALE = np.array([0.0, 2.0], dtype=np.float32)
-
-
 @torch.compiler.disable  # host code (numpy): a compiled model calls it as it is
 def keep_scale(shape: torch.Size, p: float) -> torch.Tensor:
     """A dropout mask for CPU: float32 [shape], 0 with probability p, else 1/(1-p)."""
@@ -66,7 +62,8 @@ def keep_scale(shape: torch.Size, p: float) -> torch.Tensor:
         count = math.prod(shape)
         seed = int(torch.randint(0, 2**63 - 1, ()))  # torch's default generator
         packed = np.frombuffer(np.random.default_rng(seed).bytes((count + 7) // 8), dtype=np.uint8)
-        return torch.from_numpy(_HALF_SCALE[np.unpackbits(packed, count=count)]).view(shape)
+        bits = np.unpackbits(packed, count=count)  # 0 or 1, uint8
+        return torch.from_numpy(np.multiply(bits, np.float32(2.0), dtype=np.float32)).view(shape)
     keep = torch.rand(shape, dtype=torch.float32) >= p
     return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
 
