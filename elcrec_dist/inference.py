@@ -29,7 +29,6 @@ import hashlib
 import io
 import math
 import posixpath
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,9 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.checkpoint import BEST_MODEL, CheckpointError, load_model
 from elcrec_dist.clustering import nearest_centre
-from elcrec_dist.config import ExperimentConfig, config_from_dict
+from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.data import HELD_OUT, Split, left_pad
 from elcrec_dist.evaluation import top_k_items, user_vectors
 from elcrec_dist.idmaps import IdMaps
@@ -54,15 +52,13 @@ from elcrec_dist.model import ELCRec
 from elcrec_dist.outputs import FileRecord, OutputFolder, read_manifest
 from elcrec_dist.prepared import DatasetError, DatasetInfo
 from elcrec_dist.runlog import logger
+from elcrec_dist.saved_model import SavedModel, build_model, read_saved_model, resolve_config
+from elcrec_dist.saved_model import check_catalogue as saved_check_catalogue
 from elcrec_dist.stream import StreamingDataset
 
 FORMAT = "elcrec-recommendations"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_USERS = 65536  # users per output file: a few tens of MB at K=20, D=64
-
-
-class CatalogueError(DatasetError):
-    """The dataset's catalogue is not the model's. Permanent."""
 
 
 # --- the trained model --------------------------------------------------------------------------
@@ -77,73 +73,26 @@ class TrainedModel:
     path: str  # the model file (a local path or a URL)
     sha256: str
     meta: dict[str, Any]
-
-
-def model_file(run: str | Path) -> Path:
-    """A run folder's ``best_model.pt``, or ``run`` itself when it is a model file."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / BEST_MODEL
-    if not path.is_file():
-        raise CheckpointError(f"{run}: no model file (expected a run folder holding {BEST_MODEL}, "
-                              f"or a model file)")
-    return path
-
-
-def _fetched(url: str, into: Path) -> Path:
-    """The model file of a run folder (or model file) in object storage, copied to ``into``."""
-    source = url if url.endswith(".pt") else f"{url.rstrip('/')}/{BEST_MODEL}"
-    fs, path = fsspec.core.url_to_fs(source)
-    if not fs.exists(path):
-        raise CheckpointError(f"{url}: no model file (expected {BEST_MODEL} in the run folder)")
-    target = into / BEST_MODEL
-    fs.get_file(path, str(target))
-    return target
+    saved: SavedModel
 
 
 def load_trained(run: str | Path) -> TrainedModel:
-    """The model of a run folder (or model file), local or in object storage, with its own
-    stored config, in eval mode.
+    """The model of a run folder (or model file, or committed checkpoint folder), local or in
+    object storage, with its own stored config, in eval mode (``saved_model``).
 
     No ``--config`` is needed or taken: a config that does not fit the weights cannot be
     given by mistake. A file whose config or tensors do not fit each other is a
     ``CheckpointError`` naming the mismatch."""
-    if "://" in str(run):
-        with tempfile.TemporaryDirectory(prefix="elcrec-model-") as tmp:
-            trained = _load_trained(_fetched(str(run), Path(tmp)))
-        return TrainedModel(trained.model, trained.config, str(run), trained.sha256, trained.meta)
-    return _load_trained(model_file(run))
+    saved = read_saved_model(str(run))
+    config = resolve_config(saved, files=None)
+    return TrainedModel(build_model(saved, config).eval(), config, saved.source, saved.sha256,
+                        saved.meta, saved)
 
 
-def _load_trained(path: Path) -> TrainedModel:
-    payload = load_model(path)
-    config = config_from_dict(payload["config"])
-    state = {k: v.float() for k, v in payload["model"].items()}
-    table = state.get("item_embeddings.weight")
-    if table is None or table.dim() != 2:
-        raise CheckpointError(f"{path}: no item table (item_embeddings.weight)")
-    model = ELCRec(config.model, num_items=table.shape[0] - 1)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        got = state.get(name)
-        if got is None or got.shape != tensor.shape:
-            shape = None if got is None else tuple(got.shape)
-            raise CheckpointError(
-                f"{path}: {name} is {shape}, its stored config (model section) makes it "
-                f"{tuple(tensor.shape)}"
-            )
-    model.load_state_dict(state)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TrainedModel(model.eval(), config, str(path), digest, dict(payload["meta"]))
-
-
-def check_catalogue(model: ELCRec, info: DatasetInfo, *, data: str, source: str) -> None:
-    """The dataset's items must be the model's: the same count (ids 1..N)."""
-    if model.num_items != info.num_items:
-        raise CatalogueError(
-            f"{data} has {info.num_items} items, the model {source} was trained on "
-            f"{model.num_items}: not the model's catalogue"
-        )
+def check_catalogue(trained: TrainedModel, info: DatasetInfo, *, data: str) -> None:
+    """The dataset must be the one the model was trained for (``saved_model.check_catalogue``:
+    its item count, and its fingerprint where the model recorded one)."""
+    saved_check_catalogue(trained.saved, info, data)
 
 
 # --- one batch ----------------------------------------------------------------------------------
@@ -307,7 +256,7 @@ def run_inference(
 ) -> InferenceStats:
     """Every user of ``data`` through ``trained``, this process's shards; collective. The
     caller has claimed ``out`` (every rank agrees it is to be written)."""
-    check_catalogue(trained.model, data.info, data=data.url, source=trained.path)
+    check_catalogue(trained, data.info, data=data.url)
     idmaps = IdMaps.open(data.url, data.info)
     if not 1 <= settings.k <= data.info.num_items:
         raise DatasetError(f"k={settings.k} must be in 1..{data.info.num_items} (the catalogue)")

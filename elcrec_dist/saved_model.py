@@ -1,5 +1,7 @@
 """A trained model as its run saved it: the weights and the resolved config they were trained
-with, from ``RUN/best_model.pt`` or a committed checkpoint folder ``RUN/checkpoints/step-N``.
+with, from a run folder (its ``best_model.pt``), a model file, or a committed checkpoint folder
+``RUN/checkpoints/step-N``; local or in object storage. Every command that starts from a
+trained model (evaluate, infer, export, the intent report, a warm start) finds it here.
 
 The model is built from the stored config, so a wrong ``--config`` cannot build another shape
 and end in ``load_state_dict``'s raw size mismatch: a config given anyway must agree with the
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +46,10 @@ class SavedModel:
     # the fingerprint of the dataset it was trained on (``DatasetInfo.fingerprint``), where the
     # file records one (commit records do; best_model.pt from this version on)
     dataset: dict[str, Any] | None = None
+    # sha256 of the model file (of the commit record, for a checkpoint folder): what an output
+    # made from this model records to say which model made it
+    sha256: str = ""
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # the model file's meta
 
     @property
     def num_items(self) -> int:
@@ -50,21 +57,42 @@ class SavedModel:
         return int(self.weights[ITEM_TABLE].shape[0]) - 1
 
 
+def model_location(run: str) -> str:
+    """Where the model of ``run`` is: a committed checkpoint folder or a model file as given, a
+    run folder's ``best_model.pt``; a ``CheckpointError`` when there is none."""
+    folder = Folder.of(run)
+    if folder.is_dir() and not folder.is_file(ckpt.COMMIT_NAME):
+        if folder.is_file(ckpt.BEST_MODEL):
+            return folder.show(ckpt.BEST_MODEL)
+        raise ckpt.CheckpointError(
+            f"{run}: no model file (expected a run folder holding {ckpt.BEST_MODEL}, a model "
+            "file, or a committed checkpoint folder)"
+        )
+    return str(run)
+
+
 def read_saved_model(source: str) -> SavedModel:
-    """Weights and stored config of a model file or a committed checkpoint folder."""
-    weights = ckpt.load_model_weights(source)  # refuses an incomplete or changed folder
+    """Weights and stored config of a run folder, a model file or a committed checkpoint
+    folder (see ``model_location``)."""
+    source = model_location(str(source))
     folder = Folder.of(source)
-    if folder.is_dir():  # its commit record, verified just now, holds the run's config
-        record = json.loads(folder.read_text(ckpt.COMMIT_NAME))
-        stored, dataset = record.get("config"), record.get("dataset")
+    if folder.is_dir():  # its commit record, verified by the load, holds the run's config
+        weights = ckpt.load_model_weights(source)  # refuses an incomplete or changed folder
+        raw = folder.read_bytes(ckpt.COMMIT_NAME)
+        record = json.loads(raw)
+        stored, dataset, meta = record.get("config"), record.get("dataset"), {}
     else:
         payload = ckpt.load_model(source)
-        stored, dataset = payload["config"], payload["meta"].get("dataset")
+        weights = {k: v.float() for k, v in payload["model"].items()}
+        stored, dataset, meta = payload["config"], payload["meta"].get("dataset"), payload["meta"]
+        parent, name = source.rstrip("/").rpartition("/")[::2]
+        raw = Folder(parent or ".").read_bytes(name)
     if not isinstance(stored, dict) or not stored:
         raise ckpt.CheckpointError(f"{source}: holds no config of its run")
-    if ITEM_TABLE not in weights:
+    if ITEM_TABLE not in weights or weights[ITEM_TABLE].dim() != 2:
         raise ckpt.CheckpointError(f"{source}: holds no {ITEM_TABLE}")
-    return SavedModel(source, stored, weights, dataset if isinstance(dataset, dict) else None)
+    return SavedModel(source, stored, weights, dataset if isinstance(dataset, dict) else None,
+                      sha256=hashlib.sha256(raw).hexdigest(), meta=dict(meta))
 
 
 def resolve_config(
@@ -123,8 +151,17 @@ def check_catalogue(saved: SavedModel, info: DatasetInfo, data: str) -> None:
 
 
 def build_model(saved: SavedModel, config: ExperimentConfig) -> ELCRec:
-    """The model ``config`` describes, holding the saved weights (on the CPU)."""
+    """The model ``config`` describes, holding the saved weights (on the CPU). A tensor the
+    config makes another shape (or leaves out) is a ``CheckpointError`` naming it."""
     model = ELCRec(config.model, num_items=saved.num_items)
+    for name, tensor in model.state_dict().items():
+        got = saved.weights.get(name)
+        if got is None or got.shape != tensor.shape:
+            shape = None if got is None else tuple(got.shape)
+            raise ckpt.CheckpointError(
+                f"{saved.source}: {name} is {shape}, its config (model section) makes it "
+                f"{tuple(tensor.shape)}"
+            )
     try:
         model.load_state_dict(saved.weights)
     except RuntimeError as exc:

@@ -38,7 +38,7 @@ def main() -> int:
     if not data:
         raise ConfigError("no dataset: pass --data (the model's config names none)")
     info = read_info(data)
-    check_catalogue(trained.model, info, data=data, source=trained.path)
+    check_catalogue(trained, info, data=data)
     if not 1 <= args.k <= info.num_items:
         raise ConfigError(f"--k {args.k} must be in 1..{info.num_items} (the catalogue)")
     idmaps = IdMaps.open(data, info)

@@ -53,7 +53,7 @@ def main() -> int:
     if not data_url:
         raise ConfigError("no dataset: pass --data (the model's config names none)")
     data = StreamingDataset.open(data_url)
-    check_catalogue(trained.model, data.info, data=data_url, source=trained.path)
+    check_catalogue(trained, data.info, data=data_url)
     settings = InferenceSettings(
         k=args.k, keep_history=args.keep_history, split=args.split, shard_users=args.shard_users,
         batch_size=trained.config.eval.batch_size, tile_items=trained.config.eval.tile_items,

@@ -37,7 +37,7 @@ def main() -> int:
     if not url:
         raise ConfigError("no dataset: pass --data (the model's config names none)")
     data = StreamingDataset.open(url)
-    check_catalogue(trained.model, data.info, data=url, source=trained.path)
+    check_catalogue(trained, data.info, data=url)
     idmaps = IdMaps.open(url, data.info)
     out = OutputFolder(args.output, kind=FORMAT, request=report_request(trained, data.info.fingerprint()))
     if out.claim():

@@ -38,6 +38,7 @@ from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.idmaps import IdMaps
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import DatasetError, DatasetInfo, read_info
+from elcrec_dist.saved_model import model_location
 
 TABLE = "item_embeddings.weight"
 # model keys that fix a parameter's shape or meaning; a warm start needs them equal
@@ -75,11 +76,12 @@ class ItemMatch:
 
 def read_source(init_from: str) -> Source:
     """The model file of ``init_from`` (a run folder's ``best_model.pt``, or a model file)."""
-    path = Path(init_from)
-    if path.is_dir():
-        path = path / BEST_MODEL
-    if not path.is_file():
-        raise WarmStartError(f"--init-from {init_from}: no model file (a run folder holding "
+    try:
+        path = Path(model_location(init_from))
+    except CheckpointError as exc:
+        raise WarmStartError(f"--init-from {exc}") from None
+    if not path.is_file():  # mmap below needs a local file
+        raise WarmStartError(f"--init-from {init_from}: no local model file (a run folder holding "
                              f"{BEST_MODEL}, or a model file)")
     try:  # mmap: only what is read of the weights comes off the disk
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
