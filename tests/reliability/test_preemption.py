@@ -4,6 +4,7 @@ exit 75, and the same command with ``--resume`` continues from there; a signalle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,15 +33,18 @@ from elcrec_dist.checkpoint import COMMIT_NAME
 from elcrec_dist.errors import EXIT_RETRYABLE
 from elcrec_dist.processes import has_ended, ranks_below
 
-# batches of 8 users: 30 steps in the one epoch, so a signal lands mid-epoch
+# 2,400 users in batches of 8: 300 steps in the one epoch, so a signal lands mid-epoch. A tiny
+# step takes milliseconds and a rank polls its launcher once a second: with the 30 steps of the
+# 240-user set the epoch could end before a signal was noticed (it did, once, under CI load).
+LONG_DATA = dataclasses.replace(DATA, users=2400)
 LONG_EPOCH = ["train.batch_size=8", "train.epochs=1"]
-STEPS = 30
+STEPS = 300
 STOP_BOUND_S = 30  # signal to exit: the step in progress, the checkpoint, the exit
 
 
 @pytest.fixture(scope="module")
 def data(prepared_sets: PreparedSets) -> Path:
-    return prepared_sets(DATA)
+    return prepared_sets(LONG_DATA)
 
 
 def _logged_step(run_dir: Path) -> int:
