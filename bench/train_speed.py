@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +73,11 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         if key.strip() == "model name":
             return value.strip()
     return "unknown (no model name in /proc/cpuinfo)"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def timed(repeat: int, work: Callable[[], R]) -> tuple[list[float], list[float], R]:
@@ -133,6 +139,7 @@ def main() -> None:
         "steps": steps, "users": users, "step_ms": round(1000 * train_epoch_s / steps, 1),
         "kmeans_start_s": round(kmeans_s, 2), "threads": torch.get_num_threads(),
         "cpu": cpu_model(), "flush_subnormals": numerics.probe(),
+        "allocator": numerics.allocator(), "peak_rss_mib": peak_rss_mib(),
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in load_after], "config": args.config,
     }))

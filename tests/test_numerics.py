@@ -77,3 +77,49 @@ def test_flushing_changes_only_values_below_the_normal_range() -> None:
     assert ((tiny * 2.0**10) * (tiny * 2.0**10)).item() == 2.0**-120
     subnormal_bits = torch.tensor([1 << 20], dtype=torch.int32).view(torch.float32)  # 2^-129
     assert (subnormal_bits * 2.0**40).item() == 0.0  # read as 0 (IEEE would give 2^-89)
+
+
+# A 64 MiB tensor allocated, freed, then allocated and written again: the second allocation's
+# page faults (``ru_minflt``) show whether the first one's memory was kept or returned.
+REFAULT = """
+import resource, sys
+import torch
+import elcrec_dist.model
+from elcrec_dist import numerics
+torch.empty(1 << 24).fill_(1.0)   # allocated, written, freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(1 << 24).fill_(2.0)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(numerics.allocator(), faults)
+"""
+PAGES_64_MIB = (64 << 20) // 4096
+
+
+def refaults_in_fresh_process(keep: str | None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != numerics.KEEP_ENV}
+    if keep is not None:
+        env[numerics.KEEP_ENV] = keep
+    done = subprocess.run([sys.executable, "-c", REFAULT], env=env, capture_output=True,
+                          text=True, check=True)
+    state, _, faults = done.stdout.strip().splitlines()[-1].rpartition(" ")
+    return state, int(faults)
+
+
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    """With glibc's defaults the second 64 MiB tensor is faulted in page by page again (the
+    first went back to the kernel); kept, it reuses the first one's pages."""
+    state, faults = refaults_in_fresh_process(None)
+    if state != "freed memory kept":
+        pytest.skip(f"not glibc: {state}")
+    assert faults < PAGES_64_MIB // 10
+    state, faults = refaults_in_fresh_process("0")
+    assert state == "glibc defaults"
+    assert faults >= PAGES_64_MIB * 9 // 10
+
+
+def test_a_bad_keep_freed_memory_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(numerics.KEEP_ENV, "yes")
+    with pytest.raises(PermanentError, match="ELCREC_KEEP_FREED_MEMORY must be 0"):
+        numerics.keep_freed_memory()
