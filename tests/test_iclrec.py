@@ -63,7 +63,7 @@ def test_epochs_draw_different_kmeans_seeds() -> None:
 def test_steps_leave_the_epoch_centres_alone_and_train_the_rest(tmp_path: Path) -> None:
     """A DeepSpeed step with frozen centres equals torch Adam over every other parameter."""
     from elcrec_dist import distributed as dist_utils
-    from elcrec_dist.trainer.engine import build_engine, train_step
+    from elcrec_dist.trainer.engine import GRAD_NORM, build_engine, train_step
 
     dist_utils.init()
     cfg = _tiny_config(ICLREC)
@@ -85,7 +85,10 @@ def test_steps_leave_the_epoch_centres_alone_and_train_the_rest(tmp_path: Path) 
     loss.backward()
     opt.step()
 
-    assert set(logged) == {"loss/next_item", "loss/seq_cl", "loss/intent_cl", "loss/total"}
+    assert set(logged) == {"loss/next_item", "loss/seq_cl", "loss/intent_cl", "loss/total", GRAD_NORM}
+    # the norm covers the trained parameters only: the frozen centres have no gradient
+    squares = sum(float(p.grad.double().square().sum()) for p in trainable)
+    assert logged[GRAD_NORM] == pytest.approx(squares**0.5, rel=1e-5)
     assert logged["loss/total"] == pytest.approx(float(loss.detach()), rel=1e-6)
     assert torch.equal(model.cluster_centers.detach(), centres)  # no optimizer update, no projection
     for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):

@@ -130,7 +130,7 @@ def test_init_centres_are_unit_normalised_kmeans_centres_of_the_sample(tmp_path:
 def test_engine_step_equals_plain_adam_then_projection() -> None:
     """One DeepSpeed step (world of one) == torch Adam on the same loss, then centres normalised."""
     from elcrec_dist import distributed as dist_utils
-    from elcrec_dist.trainer.engine import build_engine, train_step
+    from elcrec_dist.trainer.engine import GRAD_NORM, build_engine, train_step
 
     dist_utils.init()
     cfg = _tiny_config()
@@ -152,7 +152,11 @@ def test_engine_step_equals_plain_adam_then_projection() -> None:
         reference.cluster_centers.copy_(F.normalize(reference.cluster_centers, dim=-1))
 
     assert logged["loss/total"] == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert set(logged) == {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total"}
+    assert set(logged) == {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total",
+                           GRAD_NORM}
+    # the gradient norm before the update: by hand over the reference's gradients
+    squares = sum(float(p.grad.double().square().sum()) for p in reference.parameters() if p.grad is not None)
+    assert logged[GRAD_NORM] == pytest.approx(squares**0.5, rel=1e-5)
     for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-6), name
     assert torch.allclose(model.cluster_centers.norm(dim=1), torch.ones(3), atol=1e-6)

@@ -14,6 +14,7 @@ scaling; here it holds in fp32 and bf16 alike. The trainer counts the skipped st
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -35,6 +36,9 @@ from elcrec_dist.trainer.intents import intent_source
 # What ``train_step`` adds to its ``record``: 0-dim CPU tensors, the same on every rank.
 NONFINITE_RANKS = "nonfinite_ranks"  # ranks whose loss or gradient was not finite (0: applied)
 STOP_RANKS = "stop_ranks"  # ranks asked to stop (``dist_utils.request_stop``) before this step
+# What ``train_step`` returns beside the loss terms: the L2 norm of the global batch's gradient
+# over every trained parameter, before clipping and the update (the same number on every rank)
+GRAD_NORM = "grad/norm"
 
 
 class ELCRecObjective(nn.Module):
@@ -165,11 +169,15 @@ def train_step(
     engine.backward(total * shard.world)
     exchange_after_backward(engine, batch)  # sparse: the item table's touched rows, after backward
     names = [*terms, "total"]
-    flags = [not_finite(total, local_gradients(engine)),
-             torch.tensor(float(dist_utils.stop_reason() is not None), device=device)]
+    grads = local_gradients(engine)
+    norms = torch._foreach_norm(grads) if grads else []  # one fused pass, for both uses
+    flags = [not_finite(total, grads, norms=norms),
+             torch.tensor(float(dist_utils.stop_reason() is not None), device=device),
+             gradient_norm_share(engine, grads, norms, device=device)]
     values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float(),
                           *flags])
-    *summed, nonfinite, stopping = dist_utils.global_sum(values).tolist()  # the step's one sync
+    # the step's one sync
+    *summed, nonfinite, stopping, norm_sq = dist_utils.global_sum(values).tolist()
     applied = nonfinite == 0
     with update_skipped(engine, skip=not applied):
         engine.step()  # skipped or not: DeepSpeed clears the gradients and its buffers
@@ -178,7 +186,9 @@ def train_step(
     if record is not None:
         record[NONFINITE_RANKS] = torch.tensor(nonfinite)
         record[STOP_RANKS] = torch.tensor(stopping)
-    return {f"loss/{name}": value for name, value in zip(names, summed, strict=True)}
+    figures = {f"loss/{name}": value for name, value in zip(names, summed, strict=True)}
+    figures[GRAD_NORM] = math.sqrt(norm_sq) if math.isfinite(norm_sq) else math.inf
+    return figures
 
 
 def local_gradients(engine: Any) -> list[torch.Tensor]:
@@ -191,7 +201,26 @@ def local_gradients(engine: Any) -> list[torch.Tensor]:
     return grads
 
 
-def not_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def gradient_norm_share(
+    engine: Any, grads: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], *,
+    device: torch.device,
+) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm (0-dim float32, no host sync):
+    summed over ranks it is the square of ``GRAD_NORM``. At ZeRO 0 every rank holds the whole
+    reduced gradient, so each contributes 1/world of its squared norm; at stages 1 and 2 each
+    holds a disjoint partition (``local_gradients``) and contributes all of its own."""
+    if not norms:
+        return torch.zeros((), device=device)
+    squares = torch.stack([n.float() for n in norms]).square().sum()
+    if engine.zero_optimization_stage() == 0:
+        return squares / dist_utils.world_size()
+    return squares
+
+
+def not_finite(
+    loss: torch.Tensor, grads: Sequence[torch.Tensor], *,
+    norms: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """1.0 if ``loss`` is NaN or infinite, or a gradient holds a NaN or infinity or squares past
     float32's range, else 0.0 (0-dim float32 on the loss's device; no host sync).
 
@@ -200,7 +229,8 @@ def not_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> torch.Tenso
     not finite when an element is not, or when the squares overflow: elements above ~1e19,
     which Adam's second moment (the squared gradient) would turn into infinity anyway.
     """
-    norms = torch._foreach_norm(list(grads)) if grads else []
+    if norms is None:
+        norms = torch._foreach_norm(list(grads)) if grads else []
     values = torch.stack([loss.detach().float().reshape(()), *(n.float() for n in norms)])
     return (~torch.isfinite(values).all()).float()
 
