@@ -62,10 +62,20 @@ def main() -> int:
         seconds = time.perf_counter() - started
         rows.append({"ef_search": ef, f"recall@{args.k}": round(recall_at_k(approx, exact), 4),
                      "users_per_s": round(len(approx) / seconds, 1)})
-    print(json.dumps({"users": len(sequences), "items": info.num_items, "build_s": round(build_s, 2),
-                      "exact_users_per_s": round(len(exact) / exact_s, 1), "hnsw": rows,
-                      "cpu": cpu_model(), "threads": torch.get_num_threads(),
-                      "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
+    print(
+        json.dumps(
+            {
+                "users": len(sequences),
+                "items": info.num_items,
+                "build_s": round(build_s, 2),
+                "exact_users_per_s": round(len(exact) / exact_s, 1),
+                "hnsw": rows,
+                "cpu": cpu_model(),
+                "threads": torch.get_num_threads(),
+                "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            }
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Valid and test metrics of every kept checkpoint of a run: how much the choice of checkpoint moves test.
+"""Valid and test metrics of every kept checkpoint of a run: how much the choice of checkpoint
+moves test.
 
     python -m bench.checkpoint_sweep --config configs/beauty.yaml --data data/beauty \\
         --run runs/plateau-seed2 [--select NDCG@20]
@@ -54,7 +55,9 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[Folder, int, int]]:
     return found
 
 
-def sweep_summary(valid: Sequence[dict[str, float]], test: Sequence[dict[str, float]], *, select: str) -> dict[str, dict[str, float]]:
+def sweep_summary(
+    valid: Sequence[dict[str, float]], test: Sequence[dict[str, float]], *, select: str
+) -> dict[str, dict[str, float]]:
     """Per metric over checkpoints: test mean/sd/min/max, correlation of valid[select] changes
     with test changes between consecutive checkpoints, and test at the valid-best checkpoint
     (the first of equal bests, as early stopping keeps it)."""
@@ -81,10 +84,14 @@ def sweep_summary(valid: Sequence[dict[str, float]], test: Sequence[dict[str, fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     config_arguments(parser)
     parser.add_argument("--run", required=True, help="run folder whose checkpoints/ are evaluated")
-    parser.add_argument("--select", default="NDCG@20", help="valid metric that picks a checkpoint (default NDCG@20)")
+    parser.add_argument(
+        "--select", default="NDCG@20", help="valid metric that picks a checkpoint (default NDCG@20)"
+    )
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     data = args.data or config.data.path
@@ -97,23 +104,48 @@ def main() -> int:
     if args.select not in names:
         raise ConfigError(f"--select {args.select!r} is not one of {names}")
     rows, valid_rows, test_rows = [], [], []
-    header = "epoch   step   " + "  ".join(f"v {n:>7s}" for n in names) + "  " + "  ".join(f"t {n:>7s}" for n in names) + "  t/v " + args.select
+    header = (
+        "epoch   step   "
+        + "  ".join(f"v {n:>7s}" for n in names)
+        + "  "
+        + "  ".join(f"t {n:>7s}" for n in names)
+        + "  t/v "
+        + args.select
+    )
     print(header, flush=True)
     for folder, epoch, step in checkpoints:
         model = ELCRec(config.model, num_items=info.num_items)
         model.load_state_dict(load_model_weights(folder))
         with torch.no_grad():
-            valid = evaluate(model, sequences, split="valid", ks=config.eval.ks, batch_size=config.eval.batch_size)
-            test = evaluate(model, sequences, split="test", ks=config.eval.ks, batch_size=config.eval.batch_size)
+            valid = evaluate(
+                model,
+                sequences,
+                split="valid",
+                ks=config.eval.ks,
+                batch_size=config.eval.batch_size,
+            )
+            test = evaluate(
+                model, sequences, split="test", ks=config.eval.ks, batch_size=config.eval.batch_size
+            )
         valid_rows.append(valid)
         test_rows.append(test)
-        rows.append({"epoch": epoch, "step": step, "checkpoint": folder.name, "valid": valid, "test": test})
-        print(f"{epoch:5d} {step:7d}  " + "  ".join(f"{valid[n]:9.4f}" for n in names) + "  "
-              + "  ".join(f"{test[n]:9.4f}" for n in names) + f"  {test[args.select] / valid[args.select]:.3f}", flush=True)
+        rows.append(
+            {"epoch": epoch, "step": step, "checkpoint": folder.name, "valid": valid, "test": test}
+        )
+        print(
+            f"{epoch:5d} {step:7d}  "
+            + "  ".join(f"{valid[n]:9.4f}" for n in names)
+            + "  "
+            + "  ".join(f"{test[n]:9.4f}" for n in names)
+            + f"  {test[args.select] / valid[args.select]:.3f}",
+            flush=True,
+        )
     summary = sweep_summary(valid_rows, test_rows, select=args.select)
     for name, entry in summary.items():
         print(name, " ".join(f"{k}={v:.4f}" for k, v in entry.items()), flush=True)
-    print_json_line({"run": args.run, "select": args.select, "checkpoints": rows, "summary": summary})
+    print_json_line(
+        {"run": args.run, "select": args.select, "checkpoints": rows, "summary": summary}
+    )
     return 0
 
 

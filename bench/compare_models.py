@@ -7,8 +7,9 @@
 
 Each ``--model NAME=SOURCE`` is a model file written by ``launcher/train.py``
 (``RUN/best_model.pt``), a committed training checkpoint folder (``RUN/checkpoints/step-N``),
-or ``reference:PATH``, a published ELCRec state_dict (loaded with ``weights_only=True``). Every model ranks every user of ``--split`` by full ranking, exactly as
-``launcher/evaluate.py`` does; the per-user values (HR@k, NDCG@k, MRR) are kept.
+or ``reference:PATH``, a published ELCRec state_dict (loaded with ``weights_only=True``). Every
+model ranks every user of ``--split`` by full ranking, exactly as ``launcher/evaluate.py`` does;
+the per-user values (HR@k, NDCG@k, MRR) are kept.
 
 The first model is compared with each other one by a **paired bootstrap over users**: the users
 are resampled with replacement ``--resamples`` times and, on each resample, both models' means
@@ -60,7 +61,9 @@ def load_compared_model(source: str, config: ExperimentConfig, num_items: int) -
 
 
 @torch.no_grad()
-def user_ranks(model: ELCRec, sequences: Sequence[np.ndarray], *, split: Split, batch_size: int) -> np.ndarray:
+def user_ranks(
+    model: ELCRec, sequences: Sequence[np.ndarray], *, split: Split, batch_size: int
+) -> np.ndarray:
     """0-based full-ranking rank of every user's answer (the rule of ``answer_ranks``). -> [U]."""
     model.eval()
     out = []
@@ -100,7 +103,9 @@ def resample_counts(users: int, resamples: int, seed: int) -> Iterator[np.ndarra
         yield np.bincount(rng.integers(0, users, users), minlength=users)
 
 
-def paired_bootstrap(first: np.ndarray, other: np.ndarray, counts: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def paired_bootstrap(
+    first: np.ndarray, other: np.ndarray, counts: Iterable[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Means of both models over each resample of users.
 
     first, other: [U, M] per-user values of the same users in the same order; counts: one
@@ -125,9 +130,13 @@ def interval(values: np.ndarray) -> list[float]:
     return [float(low), float(high)]
 
 
-def compare(names: list[str], first: np.ndarray, other: np.ndarray, *, resamples: int, seed: int) -> dict[str, dict[str, object]]:
+def compare(
+    names: list[str], first: np.ndarray, other: np.ndarray, *, resamples: int, seed: int
+) -> dict[str, dict[str, object]]:
     """Per metric: both means, relative difference first/other - 1 and bootstrap intervals."""
-    first_means, other_means = paired_bootstrap(first, other, resample_counts(len(first), resamples, seed))
+    first_means, other_means = paired_bootstrap(
+        first, other, resample_counts(len(first), resamples, seed)
+    )
     result: dict[str, dict[str, object]] = {}
     for m, name in enumerate(names):
         a, b = float(first[:, m].mean()), float(other[:, m].mean())
@@ -141,12 +150,21 @@ def compare(names: list[str], first: np.ndarray, other: np.ndarray, *, resamples
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     config_arguments(parser)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
-                        help="a model to compare (at least two); the first is compared with each other")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE",
+        help="a model to compare (at least two); the first is compared with each other",
+    )
     parser.add_argument("--split", choices=("valid", "test"), default="test")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the users (0: none)")
+    parser.add_argument(
+        "--resamples", type=int, default=2000, help="bootstrap resamples of the users (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     args = parser.parse_args()
     if len(args.model) < 2:
@@ -173,15 +191,31 @@ def main() -> int:
         "split": args.split,
         "users": len(sequences),
         "resamples": args.resamples,
-        "metrics": {name: dict(zip(names, (float(v) for v in values[name].mean(axis=0)), strict=True)) for name, _ in models},
-        "comparisons": {f"{first_name} vs {other}": compare(names, values[first_name], values[other], resamples=args.resamples, seed=args.seed) for other, _ in others},
+        "metrics": {
+            name: dict(zip(names, (float(v) for v in values[name].mean(axis=0)), strict=True))
+            for name, _ in models
+        },
+        "comparisons": {
+            f"{first_name} vs {other}": compare(
+                names, values[first_name], values[other], resamples=args.resamples, seed=args.seed
+            )
+            for other, _ in others
+        },
     }
     for other, _ in others:
-        print(f"{first_name} vs {other} ({args.split}, {len(sequences)} users, {args.resamples} paired resamples):")
-        for metric, entry in report["comparisons"][f"{first_name} vs {other}"].items():  # type: ignore[index]
+        print(
+            f"{first_name} vs {other} ({args.split}, {len(sequences)} users, "
+            f"{args.resamples} paired resamples):"
+        )
+        for metric, entry in report["comparisons"][  # type: ignore[index]
+            f"{first_name} vs {other}"
+        ].items():
             band = entry.get("relative_95")
             extra = f"  95% [{band[0]:+.1%}, {band[1]:+.1%}]" if band else ""
-            print(f"  {metric:8s} {entry['first']:.4f} vs {entry['other']:.4f}  {entry['relative']:+.1%}{extra}")
+            print(
+                f"  {metric:8s} {entry['first']:.4f} vs {entry['other']:.4f}  "
+                f"{entry['relative']:+.1%}{extra}"
+            )
     print_json_line(report)
     return 0
 

@@ -2,7 +2,8 @@
 
     python -m bench.probe_reference --config configs/beauty.yaml --data data/beauty \\
         --model published=reference:../shared/reference/ELCRec-Beauty-1.pt \\
-        --model ours=runs/beauty-full/best_model.pt [--users 2048] [--batches 12] [--prefix-users 4000] [--seed 0]
+        --model ours=runs/beauty-full/best_model.pt [--users 2048] [--batches 12]
+        [--prefix-users 4000] [--seed 0]
 
 Models are named as in ``bench.compare_models`` (``NAME=best_model.pt`` or
 ``NAME=reference:PATH``). Three probes, each model in eval mode (no dropout):
@@ -19,15 +20,16 @@ Models are named as in ``bench.compare_models`` (``NAME=best_model.pt`` or
 2. **Fingerprint.** Every loss term on the same ``--batches`` training batches (same users,
    negatives and views for every model), the mean norm of the item embeddings and of the
    centres: how far training went, term by term; and the largest negative logit of the next-item
-   loss (the reference's ``log(1 - σ + 1e-24)`` stops a negative's gradient past about 16.6). Plus the norms of the position embeddings in
-   bands (``position_norm/A-B``, the mean over positions A..B; the newest item sits at T - 1):
+   loss (the reference's ``log(1 - σ + 1e-24)`` stops a negative's gradient past about 16.6).
+   Plus the norms of the position embeddings in bands (``position_norm/A-B``, the mean over
+   positions A..B; the newest item sits at T - 1):
    how strongly the model encodes where an item sits against what it is. And, per loss term,
    the norm of its *weighted* gradient (``loss.*_weight`` applied) with respect to the position
    embeddings of each band and to the item table (``grad/TERM/position_A-B``,
    ``grad/TERM/items``), averaged over the same batches in training mode (dropout seeded per
    batch): which term shapes which parameters. And the centres' spread as training logs it
-   (``centres/*`` of ``elcrec_dist.trainer.intents.centre_stats``, every user assigned): among them the
-   effective rank and the share of opposed pairs, which tell centres spread over many
+   (``centres/*`` of ``elcrec_dist.trainer.intents.centre_stats``, every user assigned): among
+   them the effective rank and the share of opposed pairs, which tell centres spread over many
    directions from centres folded onto two opposite groups.
 3. **Prefix alignment.** For ``--prefix-users`` users and every training target ``seq[m+1]``
    (m = 0 .. len - 4), the full-ranking rank of that target (items of ``seq[:m+1]`` excluded)
@@ -73,10 +75,15 @@ def with_reserved_row(model: ELCRec, source: str) -> ELCRec:
     wide = ELCRec(model.config, num_items=model.num_items + 1)
     state = model.state_dict()
     if source.startswith(REFERENCE_PREFIX):
-        published = torch.load(source[len(REFERENCE_PREFIX):], map_location="cpu", weights_only=True)
+        published = torch.load(
+            source[len(REFERENCE_PREFIX) :], map_location="cpu", weights_only=True
+        )
         extra = published["item_embeddings.weight"][-1:].to(state["item_embeddings.weight"].dtype)
     else:
-        extra = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * model.config.init_std
+        extra = (
+            torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+            * model.config.init_std
+        )
     state["item_embeddings.weight"] = torch.cat([state["item_embeddings.weight"], extra])
     wide.load_state_dict(state)
     return wide.eval()
@@ -91,14 +98,18 @@ def masked(seq: Sequence[int], ratio: float, token: int, rng: random.Random) -> 
 
 
 @torch.no_grad()
-def mask_matching(model: ELCRec, inputs: list[list[int]], *, token: int, config: ExperimentConfig, seed: int) -> float:
+def mask_matching(
+    model: ELCRec, inputs: list[list[int]], *, token: int, config: ExperimentConfig, seed: int
+) -> float:
     """Fraction of users whose masked view 1 is nearest (raw dot product of the fused, flattened
     states, within its batch of ``PROBE_BATCH``) to their own masked view 2."""
     rng = random.Random(seed)
     hits = 0
     for start in range(0, len(inputs), PROBE_BATCH):
         chunk = inputs[start : start + PROBE_BATCH]
-        views = [np.array(masked(seq, config.augment.mask_ratio, token, rng)) for seq in chunk + chunk]
+        views = [
+            np.array(masked(seq, config.augment.mask_ratio, token, rng)) for seq in chunk + chunk
+        ]
         hidden = model(left_pad(views, config.model.max_len))  # [2b, T, D]
         fused = fuse_intents(hidden, model.cluster_centers, config.loss.fusion)  # [2b, F]
         one, two = fused[: len(chunk)], fused[len(chunk) :]
@@ -106,7 +117,9 @@ def mask_matching(model: ELCRec, inputs: list[list[int]], *, token: int, config:
     return hits / len(inputs)
 
 
-def probe_batches(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> Iterator[TrainBatch]:
+def probe_batches(
+    model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int
+) -> Iterator[TrainBatch]:
     """The fingerprint's training batches: the same users, negatives and views for every model
     and every call with the same ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -119,7 +132,9 @@ def probe_batches(model: ELCRec, sequences: list[np.ndarray], *, config: Experim
 
 
 @torch.no_grad()
-def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> dict[str, float]:
+def fingerprint(
+    model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int
+) -> dict[str, float]:
     """Mean loss terms over the same training batches (eval mode), and parameter norms."""
     model.eval()
     totals: dict[str, float] = {}
@@ -127,23 +142,30 @@ def fingerprint(model: ELCRec, sequences: list[np.ndarray], *, config: Experimen
     for batch in probe_batches(model, sequences, config=config, batches=batches, seed=seed):
         for name, value in elcrec_terms(model, batch, config.loss).items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + float(value) / batches
-        # the reference's log(1 - σ(x) + 1e-24) stops a negative's gradient once σ(x) rounds to 1 (x > ~16.6)
+        # the reference's log(1 - σ(x) + 1e-24) stops a negative's gradient once σ(x) rounds to 1
+        # (x > ~16.6)
         hidden = model(batch.inputs)  # [B, T, D]
-        negative = (hidden * model.item_embeddings.weight[batch.negatives]).sum(-1)[batch.targets > 0]
+        negative = (hidden * model.item_embeddings.weight[batch.negatives]).sum(-1)[
+            batch.targets > 0
+        ]
         largest_negative = max(largest_negative, float(negative.max()))
     totals["next_item/largest_negative_logit"] = largest_negative
     totals["item_embedding_norm"] = float(model.item_embeddings.weight[1:].norm(dim=1).mean())
     totals["centre_norm"] = float(model.cluster_centers.norm(dim=1).mean())
     # how the centres spread and how many users each wins (every user, as the training logs it)
-    wins = torch.bincount(assign_users(pooled_embeddings(model, sequences, batch_size=1024), model.cluster_centers),
-                          minlength=model.cluster_centers.shape[0]).float()
+    wins = torch.bincount(
+        assign_users(pooled_embeddings(model, sequences, batch_size=1024), model.cluster_centers),
+        minlength=model.cluster_centers.shape[0],
+    ).float()
     totals.update(centre_stats(model.cluster_centers, wins))
     totals.update(position_norms(model))
     totals.update(gradient_norms(model, sequences, config=config, batches=batches, seed=seed))
     return totals
 
 
-def gradient_norms(model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int) -> dict[str, float]:
+def gradient_norms(
+    model: ELCRec, sequences: list[np.ndarray], *, config: ExperimentConfig, batches: int, seed: int
+) -> dict[str, float]:
     """Mean norm of each weighted loss term's gradient w.r.t. the position embeddings per band
     and the item table, over the fingerprint's batches (train mode, dropout seeded by batch).
     Parameters' ``.grad`` are not touched."""
@@ -156,15 +178,25 @@ def gradient_norms(model: ELCRec, sequences: list[np.ndarray], *, config: Experi
     model.train()
     try:
         with torch.enable_grad():  # the fingerprint itself runs under no_grad
-            for b, batch in enumerate(probe_batches(model, sequences, config=config, batches=batches, seed=seed)):
+            for b, batch in enumerate(
+                probe_batches(model, sequences, config=config, batches=batches, seed=seed)
+            ):
                 torch.manual_seed(seed * 100_003 + b)  # dropout
                 for name, value in elcrec_terms(model, batch, config.loss).items():
-                    positions, items = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
-                    parts = {f"position_{a}-{z}": None if positions is None else positions[a : z + 1] for a, z in bands}
+                    positions, items = torch.autograd.grad(
+                        weights[name] * value, params, retain_graph=True, allow_unused=True
+                    )
+                    parts = {
+                        f"position_{a}-{z}": None if positions is None else positions[a : z + 1]
+                        for a, z in bands
+                    }
                     parts["items"] = items
                     for part, grad in parts.items():
                         key = f"grad/{name}/{part}"
-                        totals[key] = totals.get(key, 0.0) + (0.0 if grad is None else float(grad.norm())) / batches
+                        totals[key] = (
+                            totals.get(key, 0.0)
+                            + (0.0 if grad is None else float(grad.norm())) / batches
+                        )
     finally:
         model.train(was_training)
     return totals
@@ -196,7 +228,9 @@ def distance_band(d: int) -> str:
 
 
 @torch.no_grad()
-def prefix_pairs_ranks(model: ELCRec, sequences: Sequence[np.ndarray]) -> list[tuple[int, int, int]]:
+def prefix_pairs_ranks(
+    model: ELCRec, sequences: Sequence[np.ndarray]
+) -> list[tuple[int, int, int]]:
     """(d, in-sequence rank, prefix rank) for every training target of every sequence (each of
     length >= 4). d = positions between ``seq[m]`` and the newest input item; only pairs whose
     ``seq[m]`` is inside the window of the whole input (d < T) are scored."""
@@ -215,7 +249,10 @@ def prefix_pairs_ranks(model: ELCRec, sequences: Sequence[np.ndarray]) -> list[t
         history = left_pad(prefixes, max(len(p) for p in prefixes))  # [P, L], 0 = empty
         ranks_inside = answer_ranks(model.score_all(inside), answers, history)
         ranks_alone = answer_ranks(model.score_all(alone), answers, history)
-        out += [(n - 1 - m, int(a), int(b)) for m, a, b in zip(ms, ranks_inside.tolist(), ranks_alone.tolist(), strict=True)]
+        out += [
+            (n - 1 - m, int(a), int(b))
+            for m, a, b in zip(ms, ranks_inside.tolist(), ranks_alone.tolist(), strict=True)
+        ]
     return out
 
 
@@ -224,26 +261,45 @@ def prefix_alignment(model: ELCRec, sequences: Sequence[np.ndarray]) -> dict[str
     rows = prefix_pairs_ranks(model, sequences)
     report: dict[str, float] = {}
     for band in ("d=0", "d=1-2", "d=3-5", "d>=6", "d>=1"):
-        chosen = [(a, b) for d, a, b in rows if (d >= 1 if band == "d>=1" else distance_band(d) == band)]
+        chosen = [
+            (a, b) for d, a, b in rows if (d >= 1 if band == "d>=1" else distance_band(d) == band)
+        ]
         if not chosen:
             continue
         ranks = np.array(chosen, dtype=np.float64)  # [P, 2]: in-sequence, prefix
         hr = (ranks < 20).mean(axis=0)
         ndcg = ((ranks < 20) / np.log2(ranks + 2.0)).mean(axis=0)
         report[f"prefix/{band}/pairs"] = float(len(chosen))
-        report[f"prefix/{band}/HR@20_in_sequence"], report[f"prefix/{band}/HR@20_prefix"] = float(hr[0]), float(hr[1])
-        report[f"prefix/{band}/NDCG@20_in_sequence"], report[f"prefix/{band}/NDCG@20_prefix"] = float(ndcg[0]), float(ndcg[1])
-        report[f"prefix/{band}/NDCG@20_ratio"] = float(ndcg[1] / ndcg[0]) if ndcg[0] > 0 else float("nan")
+        report[f"prefix/{band}/HR@20_in_sequence"], report[f"prefix/{band}/HR@20_prefix"] = (
+            float(hr[0]),
+            float(hr[1]),
+        )
+        report[f"prefix/{band}/NDCG@20_in_sequence"], report[f"prefix/{band}/NDCG@20_prefix"] = (
+            float(ndcg[0]),
+            float(ndcg[1]),
+        )
+        report[f"prefix/{band}/NDCG@20_ratio"] = (
+            float(ndcg[1] / ndcg[0]) if ndcg[0] > 0 else float("nan")
+        )
     return report
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     config_arguments(parser)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE")
     parser.add_argument("--users", type=int, default=2048, help="users of the mask-token probe")
-    parser.add_argument("--batches", type=int, default=12, help="training batches of the fingerprint")
-    parser.add_argument("--prefix-users", type=int, default=4000, help="users of the prefix-alignment probe (0: skip it)")
+    parser.add_argument(
+        "--batches", type=int, default=12, help="training batches of the fingerprint"
+    )
+    parser.add_argument(
+        "--prefix-users",
+        type=int,
+        default=4000,
+        help="users of the prefix-alignment probe (0: skip it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.users < 1 or args.batches < 1 or args.prefix_users < 0:
@@ -256,18 +312,32 @@ def main() -> int:
     info, _, sequences = load_sequences(data)
     long_enough = [train_pairs(seq)[0].tolist() for seq in sequences if len(seq) >= 8][: args.users]
     if len(long_enough) < args.users:
-        raise ConfigError(f"--users {args.users}: the dataset has only {len(long_enough)} users with 8 or more items")
+        raise ConfigError(
+            f"--users {args.users}: the dataset has only {len(long_enough)} users "
+            "with 8 or more items"
+        )
     sequences = list(sequences)
     if args.prefix_users > len(sequences):
-        raise ConfigError(f"--prefix-users {args.prefix_users}: the dataset has only {len(sequences)} users")
-    prefix_users = [sequences[i] for i in np.random.default_rng(args.seed).choice(len(sequences), size=args.prefix_users, replace=False)]
+        raise ConfigError(
+            f"--prefix-users {args.prefix_users}: the dataset has only {len(sequences)} users"
+        )
+    prefix_users = [
+        sequences[i]
+        for i in np.random.default_rng(args.seed).choice(
+            len(sequences), size=args.prefix_users, replace=False
+        )
+    ]
     report: dict[str, dict[str, float]] = {}
     for name, source in models:
         model = load_compared_model(source, config, info.num_items)
         wide = with_reserved_row(model, source)
         report[name] = {
-            "mask_matched/padding_0": mask_matching(wide, long_enough, token=0, config=config, seed=args.seed),
-            "mask_matched/reserved_id": mask_matching(wide, long_enough, token=info.num_items + 1, config=config, seed=args.seed),
+            "mask_matched/padding_0": mask_matching(
+                wide, long_enough, token=0, config=config, seed=args.seed
+            ),
+            "mask_matched/reserved_id": mask_matching(
+                wide, long_enough, token=info.num_items + 1, config=config, seed=args.seed
+            ),
             **fingerprint(model, sequences, config=config, batches=args.batches, seed=args.seed),
             **(prefix_alignment(model, prefix_users) if prefix_users else {}),
         }

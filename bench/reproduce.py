@@ -64,19 +64,34 @@ TRAIN_SCRIPT = REPO / "launcher" / "train.py"
 CONFIG_DIR = REPO / "configs"
 VARIANT_DIR = CONFIG_DIR / "variants"
 # Dataset key -> stem of the benchmark file in {shared}/data and the name the spec's tables use.
-DATASET_FILES = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games", "yelp": "Yelp"}
+DATASET_FILES = {
+    "beauty": "Beauty",
+    "sports": "Sports_and_Outdoors",
+    "toys": "Toys_and_Games",
+    "yelp": "Yelp",
+}
 DEFAULT_VARIANTS = ("sasrec", "b_icl", "b_elcm", "elcrec", "iclrec")
 REPORT_METRICS = ("HR@5", "NDCG@5", "HR@20", "NDCG@20")  # the four the paper reports
 CURVE_METRIC = "NDCG@20"  # what valid_history holds (eval.select_metric of the paper's settings)
 # Which of the spec's published rows stands beside which variant (names only; figures are parsed).
-PAPER_ROW_OF_VARIANT = {"elcrec": "ELCRec, Table 1", "iclrec": "ICLRec baseline", "sasrec": "SASRec, Table 1"}
+PAPER_ROW_OF_VARIANT = {
+    "elcrec": "ELCRec, Table 1",
+    "iclrec": "ICLRec baseline",
+    "sasrec": "SASRec, Table 1",
+}
 ABLATION_NAME_OF_VARIANT = {"sasrec": "B", "b_icl": "B+ICL", "b_elcm": "B+ELCM", "elcrec": "ELCRec"}
 # Set by the harness itself; a --set of these would silently disagree with the run folder.
-RESERVED_OVERRIDES = {"train.seed": "--seeds", "train.epochs": "--epochs", "train.run_dir": "--runs-root", "data.path": "--data"}
+RESERVED_OVERRIDES = {
+    "train.seed": "--seeds",
+    "train.epochs": "--epochs",
+    "train.run_dir": "--runs-root",
+    "data.path": "--data",
+}
 DEFAULTS = {"runs_root": "runs/reproduce", "results_dir": "docs/results", "shared": "../shared",
             "parallel": 1, "ranks": 1}
 SPEC_RELATIVE = Path("docs") / "elcrec-method.md"
-MASTER_PORT_BASE = 29510  # run i of an invocation gets port 29510 + i (deepspeed's default 29500 left free)
+# run i of an invocation gets port 29510 + i (deepspeed's default 29500 left free)
+MASTER_PORT_BASE = 29510
 
 
 class HarnessError(Exception):
@@ -106,7 +121,9 @@ class PublishedFigures:
     ablation: dict[str, dict[str, float]]  # "Beauty" -> "B+ICL" -> sum of the four metrics
 
 
-def parse_published_table(text: str, *, source: str) -> tuple[tuple[str, ...], dict[str, dict[str, float]]]:
+def parse_published_table(
+    text: str, *, source: str
+) -> tuple[tuple[str, ...], dict[str, dict[str, float]]]:
     """The first markdown table under the ``## Published numbers`` heading -> (metrics, rows)."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith(TABLE_HEADING)), None)
@@ -126,12 +143,16 @@ def parse_published_table(text: str, *, source: str) -> tuple[tuple[str, ...], d
     metrics = tuple(header[1:])
     missing = [m for m in REPORT_METRICS if m not in metrics]
     if missing:
-        raise HarnessError(f"{source}: the published table has no column {', '.join(missing)} (columns: {header})")
+        raise HarnessError(
+            f"{source}: the published table has no column {', '.join(missing)} (columns: {header})"
+        )
     rows: dict[str, dict[str, float]] = {}
     for line in table[2:]:
         cells = _cells(line)
         if len(cells) != len(header) or not all(re.fullmatch(_NUMBER, c) for c in cells[1:]):
-            raise HarnessError(f"{source}: published table row {line!r} does not hold {len(metrics)} numbers")
+            raise HarnessError(
+                f"{source}: published table row {line!r} does not hold {len(metrics)} numbers"
+            )
         rows[cells[0]] = {m: float(v) for m, v in zip(metrics, cells[1:], strict=True)}
     return metrics, rows
 
@@ -172,8 +193,11 @@ def _slash_values(body: str, count: int, *, where: str) -> list[float]:
     return [float(p) for p in parts]
 
 
-def parse_baseline(text: str, marker: str, metrics: Sequence[str], *, source: str) -> dict[str, dict[str, float]]:
-    """``MARKER ...: Beauty a / b / c / d; Sports e / f / g / h.`` -> {"Beauty": {metric: a, ...}, ...}.
+def parse_baseline(
+    text: str, marker: str, metrics: Sequence[str], *, source: str
+) -> dict[str, dict[str, float]]:
+    """``MARKER ...: Beauty a / b / c / d; Sports e / f / g / h.``
+    -> {"Beauty": {metric: a, ...}, ...}.
 
     The values are in the order of the published table's columns (``metrics``).
     """
@@ -182,8 +206,12 @@ def parse_baseline(text: str, marker: str, metrics: Sequence[str], *, source: st
     for segment in sentence.split(";"):
         match = _SEGMENT.fullmatch(segment)
         if match is None:
-            raise HarnessError(f"{source}: after {marker!r}: cannot read {segment!r} as 'Dataset a / b / ...'")
-        values = _slash_values(match.group(2), len(metrics), where=f"{source}: after {marker!r}, {match.group(1)}")
+            raise HarnessError(
+                f"{source}: after {marker!r}: cannot read {segment!r} as 'Dataset a / b / ...'"
+            )
+        values = _slash_values(
+            match.group(2), len(metrics), where=f"{source}: after {marker!r}, {match.group(1)}"
+        )
         rows[match.group(1)] = dict(zip(metrics, values, strict=True))
     return rows
 
@@ -204,13 +232,17 @@ def parse_ablation(text: str, *, source: str) -> dict[str, dict[str, float]]:
         dataset, body = match.group(1), match.group(2)
         where = f"{source}: ablation, {dataset}"
         if "," in body or re.search(r"[A-Za-z]", body):
-            pairs = [re.fullmatch(rf"(\S+)\s+({_NUMBER})", item.strip()) for item in body.split(",")]
+            pairs = [
+                re.fullmatch(rf"(\S+)\s+({_NUMBER})", item.strip()) for item in body.split(",")
+            ]
             if not all(pairs):
                 raise HarnessError(f"{where}: expected 'Name value, Name value, ...', got {body!r}")
             rows[dataset] = {p.group(1): float(p.group(2)) for p in pairs if p is not None}
             names = list(rows[dataset])
         elif names:
-            rows[dataset] = dict(zip(names, _slash_values(body, len(names), where=where), strict=True))
+            rows[dataset] = dict(
+                zip(names, _slash_values(body, len(names), where=where), strict=True)
+            )
         else:
             raise HarnessError(f"{where}: bare values before any segment naming the variants")
     return rows
@@ -219,7 +251,9 @@ def parse_ablation(text: str, *, source: str) -> dict[str, dict[str, float]]:
 def parse_spec(path: Path) -> PublishedFigures:
     """Every published figure the report compares with, from the spec markdown at ``path``."""
     if not path.is_file():
-        raise HarnessError(f"spec not found: {path} (pass --shared, the folder holding docs/elcrec-method.md)")
+        raise HarnessError(
+            f"spec not found: {path} (pass --shared, the folder holding docs/elcrec-method.md)"
+        )
     text = path.read_text()
     source = str(path)
     metrics, table = parse_published_table(text, source=source)
@@ -233,14 +267,16 @@ def parse_spec(path: Path) -> PublishedFigures:
 
 
 def row_for_dataset(rows: Mapping[str, Any], dataset: str) -> Any | None:
-    """The row whose label is the dataset key or its full name ("Sports" or "Sports_and_Outdoors")."""
+    """The row whose label is the dataset key or its full name ("Sports" or
+    "Sports_and_Outdoors")."""
     names = {dataset.lower(), DATASET_FILES[dataset].lower()}
     found = [value for label, value in rows.items() if label.lower() in names]
     return found[0] if found else None
 
 
 def paper_metrics(figures: PublishedFigures, dataset: str) -> dict[str, dict[str, float]]:
-    """Variant -> the published metrics that stand beside it on ``dataset`` (where there are any)."""
+    """Variant -> the published metrics that stand beside it on ``dataset`` (where there are
+    any)."""
     sources = {"elcrec": figures.table, "iclrec": figures.iclrec, "sasrec": figures.sasrec}
     out: dict[str, dict[str, float]] = {}
     for variant, rows in sources.items():
@@ -306,7 +342,8 @@ class Invocation:
     dataset_config: str | None  # --dataset-config, when given
 
     def variation(self) -> str | None:
-        """Short stable hash of what changes results beyond variant, seed and epochs; None if nothing."""
+        """Short stable hash of what changes results beyond variant, seed and epochs; None if
+        nothing."""
         items = [*self.overrides]
         if self.data is not None:
             items.append(f"data={self.data}")
@@ -317,7 +354,8 @@ class Invocation:
         return hashlib.sha256("\n".join(items).encode()).hexdigest()[:8]
 
     def key(self) -> str:
-        """``beauty:b_elcm+elcrec:seeds=1,2:full[:set-1a2b3c4d]`` (order of variants and seeds ignored)."""
+        """``beauty:b_elcm+elcrec:seeds=1,2:full[:set-1a2b3c4d]`` (order of variants and seeds
+        ignored)."""
         parts = [
             self.dataset,
             "+".join(sorted(self.variants)),
@@ -356,12 +394,16 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 
 def variant_files(variants: Sequence[str], variant_dir: Path = VARIANT_DIR) -> dict[str, Path]:
-    """Each variant's config layer; an error naming the missing files and listing those that exist."""
+    """Each variant's config layer; an error naming the missing files and listing those that
+    exist."""
     files = {v: variant_dir / f"{v}.yaml" for v in variants}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         known = sorted(p.stem for p in variant_dir.glob("*.yaml"))
-        raise HarnessError(f"no variant config {', '.join(missing)}; variants in {variant_dir}: {', '.join(known) or 'none'}")
+        raise HarnessError(
+            f"no variant config {', '.join(missing)}; "
+            f"variants in {variant_dir}: {', '.join(known) or 'none'}"
+        )
     return files
 
 
@@ -372,7 +414,9 @@ def train_overrides(inv: Invocation, seed: int) -> list[str]:
     return [*out, *inv.overrides]
 
 
-def check_configs(inv: Invocation, dataset_config: Path, files: Mapping[str, Path]) -> tuple[int, int]:
+def check_configs(
+    inv: Invocation, dataset_config: Path, files: Mapping[str, Path]
+) -> tuple[int, int]:
     """Load every layered config once (errors name the file or key); -> (max epochs, patience)."""
     try:
         for variant_file in files.values():
@@ -387,23 +431,29 @@ def launcher_prefix(ranks: int, port: int) -> list[str]:
     """How a run starts: this Python for one rank, the deepspeed launcher beside it for several."""
     if ranks == 1:
         return [sys.executable]
-    deepspeed = shutil.which("deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    deepspeed = shutil.which(
+        "deepspeed",
+        path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     if deepspeed is None:
-        raise HarnessError("--ranks > 1 needs the deepspeed launcher, found neither beside Python nor on PATH")
+        raise HarnessError(
+            "--ranks > 1 needs the deepspeed launcher, found neither beside Python nor on PATH"
+        )
     return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port)]
 
 
-def train_command(inv: Invocation, *, prefix: Sequence[str], dataset_config: Path, variant_file: Path,
-                  data: Path, run_dir: Path, seed: int) -> list[str]:
-    cmd = [*prefix, str(TRAIN_SCRIPT), "--config", str(dataset_config), "--config", str(variant_file),
-           "--data", str(data), "--run-dir", str(run_dir)]
+def train_command(inv: Invocation, *, prefix: Sequence[str], dataset_config: Path,
+                  variant_file: Path, data: Path, run_dir: Path, seed: int) -> list[str]:
+    cmd = [*prefix, str(TRAIN_SCRIPT), "--config", str(dataset_config),
+           "--config", str(variant_file), "--data", str(data), "--run-dir", str(run_dir)]
     for text in train_overrides(inv, seed):
         cmd += ["--set", text]
     return [*cmd, "--resume", "auto"]
 
 
 def regenerate_command(args: argparse.Namespace) -> str:
-    """The copy-pasteable command that regenerates the block (``--no-run`` and defaults left out)."""
+    """The copy-pasteable command that regenerates the block (``--no-run`` and defaults left
+    out)."""
     parts = ["python", "-m", "bench.reproduce", "--dataset", args.dataset,
              "--variants", *args.variants,
              "--seeds", *(str(s) for s in args.seeds)]
@@ -433,7 +483,9 @@ def ensure_prepared(dataset: str, *, data: Path, shared: Path, explicit: bool) -
         raise HarnessError(f"--data {data}: no manifest.json there (not a prepared dataset)")
     raw = shared / "data" / f"{DATASET_FILES[dataset]}.txt"
     if not raw.is_file():
-        raise HarnessError(f"benchmark file not found: {raw} (needed to prepare {data}; pass --shared)")
+        raise HarnessError(
+            f"benchmark file not found: {raw} (needed to prepare {data}; pass --shared)"
+        )
     cmd = [sys.executable, "-m", "data_prep.benchmark", "--input", str(raw), "--output", str(data)]
     print(f"preparing {data} from {raw}", flush=True)
     proc = subprocess.run(cmd, check=False)
@@ -518,10 +570,16 @@ def execute_run(spec: RunSpec, env: Mapping[str, str]) -> Outcome:
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code  # reaped here; keeps Popen from waiting on a pid that is gone
     outcome = Outcome(spec, code, wall, usage.ru_maxrss / 1024.0)
-    append_harness_record(spec.run_dir, {
-        "command": list(spec.command), "wall_s": round(wall, 3), "peak_rss_mib": round(outcome.peak_rss_mib, 1),
-        "exit_code": code, "started_at": started_at,
-    })
+    append_harness_record(
+        spec.run_dir,
+        {
+            "command": list(spec.command),
+            "wall_s": round(wall, 3),
+            "peak_rss_mib": round(outcome.peak_rss_mib, 1),
+            "exit_code": code,
+            "started_at": started_at,
+        },
+    )
     return outcome
 
 
@@ -530,11 +588,18 @@ def run_all(specs: Sequence[RunSpec], *, runner: Callable[[RunSpec, Mapping[str,
     """Up to ``parallel`` runs at once; each reports as it ends."""
 
     def one(spec: RunSpec) -> Outcome:
-        print(f"start {spec.variant} seed {spec.seed}: {spec.run_dir} (log {spec.run_dir / 'train.log'})", flush=True)
+        print(
+            f"start {spec.variant} seed {spec.seed}: {spec.run_dir} "
+            f"(log {spec.run_dir / 'train.log'})",
+            flush=True,
+        )
         outcome = runner(spec, env)
         state = "finished" if outcome.exit_code == 0 and is_finished(spec.run_dir) else "FAILED"
-        print(f"{state} {spec.variant} seed {spec.seed}: exit {outcome.exit_code}, {format_duration(outcome.wall_s)}, "
-              f"peak RSS {outcome.peak_rss_mib:.0f} MiB", flush=True)
+        print(
+            f"{state} {spec.variant} seed {spec.seed}: exit {outcome.exit_code}, "
+            f"{format_duration(outcome.wall_s)}, peak RSS {outcome.peak_rss_mib:.0f} MiB",
+            flush=True,
+        )
         return outcome
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -630,7 +695,9 @@ def logged_progress(run_dir: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     eval_every, max_epochs = _train_schedule(run_dir)
     epochs = eval_epochs(evaluations=len(values), eval_every=eval_every, max_epochs=max_epochs)
     if len(epochs) != len(values):
-        raise HarnessError(f"{path}: {len(values)} validation passes, but the config schedules {len(epochs)}")
+        raise HarnessError(
+            f"{path}: {len(values)} validation passes, but the config schedules {len(epochs)}"
+        )
     return epochs, tuple(values)
 
 
@@ -641,14 +708,21 @@ def collect_run(variant: str, seed: int, run_dir: Path) -> RunStatus:
         return RunStatus(variant, seed, run_dir, None, harness, ((), ()), logged_progress(run_dir))
     results = json.loads(results_path.read_text())
     missing = [k for k in ("test", "best_epoch", "epochs_run", "valid_history") if k not in results]
-    missing += [f"test.{m}" for m in REPORT_METRICS if m not in results.get("test", {})] if "test" in results else []
+    missing += (
+        [f"test.{m}" for m in REPORT_METRICS if m not in results.get("test", {})]
+        if "test" in results
+        else []
+    )
     if missing:
         raise HarnessError(f"{results_path}: no {', '.join(missing)}")
     eval_every, max_epochs = _train_schedule(run_dir)
     history = tuple(float(v) for v in results["valid_history"])
     epochs = eval_epochs(evaluations=len(history), eval_every=eval_every, max_epochs=max_epochs)
     if len(epochs) != len(history):
-        raise HarnessError(f"{results_path}: {len(history)} validation values, but {run_dir / 'config.yaml'} schedules {len(epochs)}")
+        raise HarnessError(
+            f"{results_path}: {len(history)} validation values, "
+            f"but {run_dir / 'config.yaml'} schedules {len(epochs)}"
+        )
     return RunStatus(variant, seed, run_dir, results, harness, (epochs, history))
 
 
@@ -686,7 +760,11 @@ def _metric_values(runs: Sequence[RunStatus], metric: str) -> list[float]:
 
 
 def _sums(runs: Sequence[RunStatus]) -> list[float]:
-    return [sum(float(r.results["test"][m]) for m in REPORT_METRICS) for r in runs if r.results is not None]
+    return [
+        sum(float(r.results["test"][m]) for m in REPORT_METRICS)
+        for r in runs
+        if r.results is not None
+    ]
 
 
 def _main_row(variant: str, runs: Sequence[RunStatus]) -> tuple[str, bool]:
@@ -695,19 +773,34 @@ def _main_row(variant: str, runs: Sequence[RunStatus]) -> tuple[str, bool]:
     cells = [f"`{variant}`", f"{len(done)}/{len(runs)}"]
     cells += [format_mean_sd(_metric_values(done, m)) for m in REPORT_METRICS]
     cells.append(format_mean_sd(_sums(done)))
-    cells.append(", ".join(str(r.results["best_epoch"]) for r in done if r.results is not None) or "—")
-    cells.append(", ".join(str(r.results["epochs_run"]) for r in done if r.results is not None) or "—")
+    cells.append(
+        ", ".join(str(r.results["best_epoch"]) for r in done if r.results is not None) or "—"
+    )
+    cells.append(
+        ", ".join(str(r.results["epochs_run"]) for r in done if r.results is not None) or "—"
+    )
     walls = [w for w in (r.wall_s() for r in done) if w is not None]
     from_trainer = any(not from_harness for _, from_harness in walls)
-    wall = format_duration(statistics.fmean(s for s, _ in walls)) + ("*" if from_trainer else "") if walls else "—"
+    wall = (
+        format_duration(statistics.fmean(s for s, _ in walls)) + ("*" if from_trainer else "")
+        if walls
+        else "—"
+    )
     cells.append(wall)
     rss = [v for v in (r.peak_rss_mib() for r in done) if v is not None]
     gpu = [v for v in (r.peak_gpu_mib() for r in done) if v is not None]
     cells.append(f"{max(rss):.0f}" if rss else "—")
     cells.append(f"{max(gpu):.0f}" if gpu else "—")
-    splits = [r.results["time_split"] for r in done if r.results is not None and r.results.get("time_split")]
+    splits = [
+        r.results["time_split"]
+        for r in done
+        if r.results is not None and r.results.get("time_split")
+    ]
     if splits:
-        parts = [statistics.fmean(float(s[k]) for s in splits) for k in ("clustering_s", "train_s", "eval_s")]
+        parts = [
+            statistics.fmean(float(s[k]) for s in splits)
+            for k in ("clustering_s", "train_s", "eval_s")
+        ]
         cells.append(" / ".join(f"{p:.0f}" if p >= 10 else f"{p:.1f}" for p in parts))
     else:
         cells.append("—")
@@ -735,19 +828,24 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
         f"<!-- reproduce:BEGIN {key} -->",
         f"# Reproduction: {DATASET_FILES[inv.dataset]}, {ctx.budget}",
         "",
-        "Generated by `bench/reproduce.py` (edits between the markers are overwritten); regenerate with",
+        "Generated by `bench/reproduce.py` (edits between the markers are overwritten); "
+        "regenerate with",
         "",
         "```bash",
         ctx.command,
         "```",
         "",
-        f"Dataset `{ctx.data}`, config `{ctx.dataset_config}` layered with `configs/variants/VARIANT.yaml`"
-        + (f", overrides `{' '.join(inv.overrides)}`" if inv.overrides else "") + ".",
+        f"Dataset `{ctx.data}`, config `{ctx.dataset_config}` "
+        "layered with `configs/variants/VARIANT.yaml`"
+        + (f", overrides `{' '.join(inv.overrides)}`" if inv.overrides else "")
+        + ".",
         f"Test metrics of the best-validation checkpoint, mean over seeds {seeds}"
-        + (" (± sample sd)" if len(inv.seeds) > 1 else "") + "; best epoch and epochs run per seed.",
+        + (" (± sample sd)" if len(inv.seeds) > 1 else "")
+        + "; best epoch and epochs run per seed.",
         "",
-        "| variant | runs | HR@5 | NDCG@5 | HR@20 | NDCG@20 | sum of four | best epoch | epochs run "
-        "| wall / run | peak RSS (MiB) | peak GPU (MiB) | clustering / train / eval (s) |",
+        "| variant | runs | HR@5 | NDCG@5 | HR@20 | NDCG@20 | sum of four | best epoch "
+        "| epochs run | wall / run | peak RSS (MiB) | peak GPU (MiB) "
+        "| clustering / train / eval (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     any_trainer_wall = False
@@ -756,14 +854,21 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
         lines.append(row)
         any_trainer_wall |= from_trainer
     lines.append("")
-    lines.append("Wall time is the harness's, summed over the invocations that ran a run, mean over seeds"
-                 + ("; * marks the trainer's own time where the harness did not run it (clustering + training + validation "
-                    "seconds, summed over resumed processes)" if any_trainer_wall else "")
-                 + ". Peak memory is the largest over seeds.")
+    lines.append(
+        "Wall time is the harness's, summed over the invocations that ran a run, mean over seeds"
+        + (
+            "; * marks the trainer's own time where the harness did not run it "
+            "(clustering + training + validation seconds, summed over resumed processes)"
+            if any_trainer_wall
+            else ""
+        )
+        + ". Peak memory is the largest over seeds."
+    )
     lines += ["", "## Against the paper", ""]
     published = paper_metrics(figures, inv.dataset)
     lines += [
-        "Ours (mean over seeds) vs the spec's published figure, relative difference (ours − paper) / paper.",
+        "Ours (mean over seeds) vs the spec's published figure, "
+        "relative difference (ours − paper) / paper.",
         "",
         "| variant | paper's row | " + " | ".join(REPORT_METRICS) + " |",
         "|---|---|" + "---|" * len(REPORT_METRICS),
@@ -772,40 +877,63 @@ def render_block(ctx: ReportContext, runs: Sequence[RunStatus], figures: Publish
         done = [r for r in grouped.get(variant, []) if r.finished]
         paper = published.get(variant)
         source = PAPER_ROW_OF_VARIANT[variant] if paper is not None else "—"
-        cells = [_comparison_cell(_metric_values(done, m), paper[m] if paper else None) for m in REPORT_METRICS]
+        cells = [
+            _comparison_cell(_metric_values(done, m), paper[m] if paper else None)
+            for m in REPORT_METRICS
+        ]
         lines.append(f"| `{variant}` | {source} | " + " | ".join(cells) + " |")
     ablation = paper_ablation(figures, inv.dataset)
-    lines += ["", "Ablation, sum of the four metrics (the paper's names: B, B+ICL, B+ELCM, ELCRec):", "",
-              "| variant | paper's name | ours | paper | difference |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Ablation, sum of the four metrics (the paper's names: B, B+ICL, B+ELCM, ELCRec):",
+        "",
+        "| variant | paper's name | ours | paper | difference |",
+        "|---|---|---|---|---|",
+    ]
     for variant in inv.variants:
         if variant not in ABLATION_NAME_OF_VARIANT:
             continue
         sums = _sums([r for r in grouped.get(variant, []) if r.finished])
         paper_sum = ablation.get(variant)
         ours = format_mean_sd(sums)
-        diff = format_percent(relative_difference(statistics.fmean(sums), paper_sum)) if sums and paper_sum is not None else "—"
+        diff = (
+            format_percent(relative_difference(statistics.fmean(sums), paper_sum))
+            if sums and paper_sum is not None
+            else "—"
+        )
         paper_text = f"{paper_sum:.4f}" if paper_sum is not None else "—"
-        lines.append(f"| `{variant}` | {ABLATION_NAME_OF_VARIANT[variant]} | {ours} | {paper_text} | {diff} |")
+        lines.append(
+            f"| `{variant}` | {ABLATION_NAME_OF_VARIANT[variant]} | "
+            f"{ours} | {paper_text} | {diff} |"
+        )
     lines += ["", "## Runs", ""]
     for run in runs:
         if run.results is not None:
             state = f"finished {run.results.get('finished_at', '')}".rstrip()
         elif run.harness:
             last = run.harness[-1]
-            state = f"not finished (last exit code {last['exit_code']}; log `{run.run_dir / 'train.log'}`)"
+            state = (
+                f"not finished (last exit code {last['exit_code']}; "
+                f"log `{run.run_dir / 'train.log'}`)"
+            )
         elif run.progress[0]:
             state = "not finished (running, or stopped from outside the harness)"
         else:
             state = "not run yet"
         if run.progress[0]:  # only unfinished runs have one
             epochs, values = run.progress
-            best = max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal bests
-            state += (f"; {len(values)} validation passes so far, the last after epoch {epochs[-1]}, "
-                      f"best valid {CURVE_METRIC} {values[best]:.4f} after epoch {epochs[best]}")
+            # the first of equal bests
+            best = max(range(len(values)), key=lambda i: (values[i], -i))
+            state += (
+                f"; {len(values)} validation passes so far, the last after epoch {epochs[-1]}, "
+                f"best valid {CURVE_METRIC} {values[best]:.4f} after epoch {epochs[best]}"
+            )
         lines.append(f"- `{run.variant}` seed {run.seed}: `{run.run_dir}` — {state}")
     lines.append("")
     if figure_link is not None:
-        lines.append(f"![validation {CURVE_METRIC} per epoch, {DATASET_FILES[inv.dataset]}]({figure_link})")
+        lines.append(
+            f"![validation {CURVE_METRIC} per epoch, {DATASET_FILES[inv.dataset]}]({figure_link})"
+        )
     else:
         lines.append(f"(No finished run yet: no plot of validation {CURVE_METRIC}.)")
     lines.append(f"<!-- reproduce:END {key} -->")
@@ -822,8 +950,10 @@ def insert_block(text: str, key: str, block: str) -> str:
         sep = "" if not text else ("\n" if text.endswith("\n") else "\n\n")
         return text + sep + block + "\n"
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise HarnessError(f"the markers of {key!r} are not one BEGIN followed by one END "
-                           f"(BEGIN at lines {[i + 1 for i in starts]}, END at {[i + 1 for i in ends]})")
+        raise HarnessError(
+            f"the markers of {key!r} are not one BEGIN followed by one END "
+            f"(BEGIN at lines {[i + 1 for i in starts]}, END at {[i + 1 for i in ends]})"
+        )
     tail = lines[ends[0]]
     newline = tail[len(tail.rstrip("\r\n")):] or ""
     return "".join(lines[:starts[0]]) + block + newline + "".join(lines[ends[0] + 1:])
@@ -861,9 +991,16 @@ def plot_curves(runs: Sequence[RunStatus], path: Path, *, title: str) -> bool:
     for i, (variant, group) in enumerate(grouped.items()):
         several = len(group) > 1
         for j, run in enumerate(group):
-            ax.plot(run.curve[0], run.curve[1], color=colours[i % len(colours)], linewidth=0.9 if several else 1.8,
-                    alpha=0.8 if several else 1.0, label=variant if j == 0 else None,
-                    marker="o" if len(run.curve[0]) <= 20 else None, markersize=3)  # short curves stay visible
+            ax.plot(
+                run.curve[0],
+                run.curve[1],
+                color=colours[i % len(colours)],
+                linewidth=0.9 if several else 1.8,
+                alpha=0.8 if several else 1.0,
+                label=variant if j == 0 else None,
+                marker="o" if len(run.curve[0]) <= 20 else None,
+                markersize=3,
+            )  # short curves stay visible
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(-0.5, max(max(r.curve[0]) for r in finished) + 0.5)
     ax.set_xlabel("epoch")
@@ -895,27 +1032,76 @@ def build_parser() -> argparse.ArgumentParser:
     # no abbreviations: the old ``--results FILE`` would otherwise pass as ``--results-dir``
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASET_FILES),
-                        help="benchmark: configs/DATASET.yaml, data/DATASET, {shared}/data/<file>.txt")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        choices=sorted(DATASET_FILES),
+        help="benchmark: configs/DATASET.yaml, data/DATASET, {shared}/data/<file>.txt",
+    )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
                         help="config layers configs/variants/VARIANT.yaml (default: %(default)s)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="S", help="train.seed values (default: 1)")
-    parser.add_argument("--epochs", type=_positive, default=None,
-                        help="equal budget of N epochs per run (default: the config's, with early stopping)")
-    parser.add_argument("--parallel", type=_positive, default=DEFAULTS["parallel"], metavar="K",
-                        help="runs at once (default: 1); on CPU each gets OMP_NUM_THREADS = cpus // (K*R) unless set")
-    parser.add_argument("--ranks", type=_positive, default=DEFAULTS["ranks"], metavar="R",
-                        help="processes per run: > 1 starts them with `deepspeed --num_gpus R` (default: 1)")
-    parser.add_argument("--runs-root", default=DEFAULTS["runs_root"], help="run folders go to RUNS_ROOT/DATASET/ (default: %(default)s)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[1],
+        metavar="S",
+        help="train.seed values (default: 1)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive,
+        default=None,
+        help="equal budget of N epochs per run (default: the config's, with early stopping)",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=_positive,
+        default=DEFAULTS["parallel"],
+        metavar="K",
+        help="runs at once (default: 1); "
+        "on CPU each gets OMP_NUM_THREADS = cpus // (K*R) unless set",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=_positive,
+        default=DEFAULTS["ranks"],
+        metavar="R",
+        help="processes per run: > 1 starts them with `deepspeed --num_gpus R` (default: 1)",
+    )
+    parser.add_argument(
+        "--runs-root",
+        default=DEFAULTS["runs_root"],
+        help="run folders go to RUNS_ROOT/DATASET/ (default: %(default)s)",
+    )
     parser.add_argument("--results-dir", default=DEFAULTS["results_dir"], metavar="DIR",
                         help="the block goes to DIR/NAME.md (one file per key), the plot to "
                              "DIR/figures/ (default: %(default)s)")
-    parser.add_argument("--shared", default=DEFAULTS["shared"], help="folder with data/*.txt and docs/elcrec-method.md (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (repeatable); run folders and the block key carry its hash")
-    parser.add_argument("--data", default=None, help="an existing prepared dataset instead of data/DATASET")
-    parser.add_argument("--dataset-config", default=None, metavar="PATH", help="instead of configs/DATASET.yaml")
-    parser.add_argument("--no-run", action="store_true", help="run nothing: collect what is finished and write the block")
+    parser.add_argument(
+        "--shared",
+        default=DEFAULTS["shared"],
+        help="folder with data/*.txt and docs/elcrec-method.md (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable); "
+        "run folders and the block key carry its hash",
+    )
+    parser.add_argument(
+        "--data", default=None, help="an existing prepared dataset instead of data/DATASET"
+    )
+    parser.add_argument(
+        "--dataset-config", default=None, metavar="PATH", help="instead of configs/DATASET.yaml"
+    )
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="run nothing: collect what is finished and write the block",
+    )
     return parser
 
 
@@ -926,10 +1112,19 @@ def _unique(items: Sequence[Any]) -> tuple[Any, ...]:
 def reproduce(args: argparse.Namespace) -> int:
     """Check, run what is not finished, collect, write the block; -> exit code."""
     check_overrides(args.overrides)
-    inv = Invocation(args.dataset, _unique(args.variants), _unique(args.seeds), args.epochs, tuple(args.overrides),
-                     args.data, args.dataset_config)
+    inv = Invocation(
+        args.dataset,
+        _unique(args.variants),
+        _unique(args.seeds),
+        args.epochs,
+        tuple(args.overrides),
+        args.data,
+        args.dataset_config,
+    )
     files = variant_files(inv.variants)
-    dataset_config = Path(args.dataset_config) if args.dataset_config else CONFIG_DIR / f"{inv.dataset}.yaml"
+    dataset_config = (
+        Path(args.dataset_config) if args.dataset_config else CONFIG_DIR / f"{inv.dataset}.yaml"
+    )
     if not dataset_config.is_file():
         raise HarnessError(f"dataset config not found: {dataset_config}")
     max_epochs, patience = check_configs(inv, dataset_config, files)
@@ -945,9 +1140,20 @@ def reproduce(args: argparse.Namespace) -> int:
     for i, (variant, seed) in enumerate((v, s) for v in inv.variants for s in inv.seeds):
         run_dir = inv.run_dir(runs_root, variant, seed)
         # --no-run starts nothing, so it needs no launcher (its commands are never used)
-        prefix = launcher_prefix(args.ranks, MASTER_PORT_BASE + i) if not args.no_run else [sys.executable]
-        command = train_command(inv, prefix=prefix, dataset_config=dataset_config, variant_file=files[variant],
-                                data=data, run_dir=run_dir, seed=seed)
+        prefix = (
+            launcher_prefix(args.ranks, MASTER_PORT_BASE + i)
+            if not args.no_run
+            else [sys.executable]
+        )
+        command = train_command(
+            inv,
+            prefix=prefix,
+            dataset_config=dataset_config,
+            variant_file=files[variant],
+            data=data,
+            run_dir=run_dir,
+            seed=seed,
+        )
         specs.append(RunSpec(variant, seed, run_dir, tuple(command)))
 
     failed: list[Outcome] = []
@@ -955,12 +1161,20 @@ def reproduce(args: argparse.Namespace) -> int:
         pending = []
         for spec in specs:
             if is_finished(spec.run_dir):
-                print(f"skip {spec.variant} seed {spec.seed}: finished ({spec.run_dir / 'results.json'})", flush=True)
+                print(
+                    f"skip {spec.variant} seed {spec.seed}: "
+                    f"finished ({spec.run_dir / 'results.json'})",
+                    flush=True,
+                )
             else:
                 pending.append(spec)
         if pending:
-            ensure_prepared(inv.dataset, data=data, shared=Path(args.shared), explicit=args.data is not None)
-            env = child_environment(parallel=args.parallel, ranks=args.ranks, on_cpu=running_on_cpu())
+            ensure_prepared(
+                inv.dataset, data=data, shared=Path(args.shared), explicit=args.data is not None
+            )
+            env = child_environment(
+                parallel=args.parallel, ranks=args.ranks, on_cpu=running_on_cpu()
+            )
             outcomes = run_all(pending, runner=execute_run, env=env, parallel=args.parallel)
             failed = [o for o in outcomes if o.exit_code != 0 or not is_finished(o.spec.run_dir)]
 
@@ -969,16 +1183,25 @@ def reproduce(args: argparse.Namespace) -> int:
     figure = results_dir / "figures" / f"{inv.slug()}.png"
     title = f"{DATASET_FILES[inv.dataset]}: validation {CURVE_METRIC}"
     link = f"figures/{figure.name}" if plot_curves(runs, figure, title=title) else None
-    ctx = ReportContext(inv, budget_text(epochs=inv.epochs, max_epochs=max_epochs, patience=patience),
-                        regenerate_command(args), str(data), args.dataset_config or f"configs/{inv.dataset}.yaml")
+    ctx = ReportContext(
+        inv,
+        budget_text(epochs=inv.epochs, max_epochs=max_epochs, patience=patience),
+        regenerate_command(args),
+        str(data),
+        args.dataset_config or f"configs/{inv.dataset}.yaml",
+    )
     write_results(block_file, inv.key(), render_block(ctx, runs, figures, link))
     print(f"wrote the block {inv.key()} into {block_file}" + (f" (plot {figure})" if link else ""),
           flush=True)
 
     for outcome in failed:
-        print(f"error: {outcome.spec.variant} seed {outcome.spec.seed} failed with exit code {outcome.exit_code}"
-              f"{'' if outcome.exit_code else ' and no results.json'}; log {outcome.spec.run_dir / 'train.log'}",
-              file=sys.stderr)
+        print(
+            f"error: {outcome.spec.variant} seed {outcome.spec.seed} "
+            f"failed with exit code {outcome.exit_code}"
+            f"{'' if outcome.exit_code else ' and no results.json'}; "
+            f"log {outcome.spec.run_dir / 'train.log'}",
+            file=sys.stderr,
+        )
     return 1 if failed else EXIT_OK
 
 

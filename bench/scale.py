@@ -112,7 +112,9 @@ class StagePeaks:
 # --- stage 1: prepare ---------------------------------------------------------------------------
 
 
-def prepare(root: Path, *, interactions: int, users: int, items: int, reuse: bool) -> dict[str, Any]:
+def prepare(
+    root: Path, *, interactions: int, users: int, items: int, reuse: bool
+) -> dict[str, Any]:
     """Raw log and build under ``root``; returns the manifest counts and the stage figures."""
     from bench.prep_speed import PeakRss
 
@@ -371,8 +373,11 @@ def main() -> int:
     parser.add_argument("--valid-users", type=int, default=5000)
     parser.add_argument("--infer-users", type=int, default=5000)
     parser.add_argument("--exchange", default="sparse", choices=("dense", "sparse", "auto"))
-    parser.add_argument("--sweep", default="12000,100000,1000000,10000000",
-                        help="catalogue sizes of the step-time sweep, each N or N:HIDDEN ('' for none)")
+    parser.add_argument(
+        "--sweep",
+        default="12000,100000,1000000,10000000",
+        help="catalogue sizes of the step-time sweep, each N or N:HIDDEN ('' for none)",
+    )
     parser.add_argument("--sweep-steps", type=int, default=8)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile N more steps of each sweep point (torch.profiler)")

@@ -10,9 +10,9 @@ every Beauty user (``--ranks`` processes under the deepspeed launcher, 1: a plai
 recomputes HR@20 and NDCG@20 from the written top-20 lists alone (summed in evaluation's batches)
 and runs ``launcher/evaluate.py --import-reference`` for the same numbers. Prints one JSON line:
 users, seconds of scoring (after start-up, the slowest rank) and users/s, the wall time of the
-whole command, both metric pairs and whether they are equal, the CPU model, thread count and load average before and after; then
-exports the run (``python -m launcher.export``) and checks each graph on ``--export-users`` Beauty
-test users (``check_exports``).
+whole command, both metric pairs and whether they are equal, the CPU model, thread count and
+load average before and after; then exports the run (``python -m launcher.export``) and checks
+each graph on ``--export-users`` Beauty test users (``check_exports``).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main() -> int:
         for name in totals:
             totals[name] += sums[name]
     from_top20 = {name: value / len(ranks) for name, value in totals.items()}
-    evaluated = last_json([sys.executable, "launcher/evaluate.py", "--config", "configs/beauty.yaml",
+    evaluated = last_json([sys.executable, "launcher/evaluate.py",
+                           "--config", "configs/beauty.yaml",
                            "--data", args.data, "--import-reference", args.reference])
     exports = check_exports(work, args.data, sequences, users=args.export_users)
     print(json.dumps({

@@ -43,7 +43,9 @@ R = TypeVar("R")
 def setup(config: ExperimentConfig, data: StreamingDataset, device: torch.device) -> Trainer:
     """A fresh run's model, centres and engine, exactly as training builds them (nothing is
     written: the run log is disabled and no checkpoint is saved)."""
-    trainer = Trainer(config, data, device=device, run_log=RunLogger(config.train.run_dir, enabled=False))
+    trainer = Trainer(
+        config, data, device=device, run_log=RunLogger(config.train.run_dir, enabled=False)
+    )
     trainer.restore_or_start()
     return trainer
 
@@ -94,13 +96,17 @@ def timed(repeat: int, work: Callable[[], R]) -> tuple[list[float], list[float],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="epochs and passes to time")
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile N training steps"
+    )
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")

@@ -70,7 +70,9 @@ def _is_int(token: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", required=True, help="benchmark file, one user per line")
     parser.add_argument("--output", required=True, help="output folder (local or URL)")
     parser.add_argument("--shards", type=int, default=1, help="number of Parquet files")
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         user_ids, sequences = parse_benchmark(args.input)
         max_item = int(max(int(s.max()) for s in sequences))
         table = pa.table(
-            {"user_id": pa.array(user_ids, pa.int64()), "items": pa.array(sequences, pa.list_(pa.int32()))}
+            {
+                "user_id": pa.array(user_ids, pa.int64()),
+                "items": pa.array(sequences, pa.list_(pa.int32())),
+            }
         )
         manifest = write_prepared_dataset(
             args.output,

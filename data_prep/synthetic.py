@@ -4,7 +4,8 @@
         [--intents 8] [--min-len 8] [--max-len 40] [--noise 0.1] [--seed 0] [--shards 2]
 
     python -m data_prep.synthetic --raw-log --output logs/demo --interactions 1000000 ...
-        raw interaction logs instead, for ``python -m data_prep.build`` (``data_prep.synthetic_logs``)
+        raw interaction logs instead, for ``python -m data_prep.build``
+        (``data_prep.synthetic_logs``)
 
 Generation (all draws from one ``numpy.random.Generator(PCG64(seed))``, so a seed fixes the
 bytes written):
@@ -80,7 +81,8 @@ class SyntheticSpec:
             raise PrepError(f"--items {self.items} does not fit int32 item ids")
         if self.min_len < MIN_ITEMS:
             raise PrepError(
-                f"--min-len must be >= {MIN_ITEMS} (train, valid and test targets), got {self.min_len}"
+                f"--min-len must be >= {MIN_ITEMS} (train, valid and test targets), "
+                f"got {self.min_len}"
             )
         if self.max_len < self.min_len:
             raise PrepError(f"--max-len {self.max_len} is below --min-len {self.min_len}")
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--raw-log",
         action="store_true",
-        help="write raw interaction logs instead (options: python -m data_prep.synthetic_logs --help)",
+        help="write raw interaction logs instead "
+        "(options: python -m data_prep.synthetic_logs --help)",
     )
     parser.add_argument("--output", required=True, help="output folder (local or URL)")
     parser.add_argument("--users", type=int, default=defaults.users, help="number of users")

@@ -104,7 +104,8 @@ class LogSpec:
             raise PrepError(f"--interactions must be >= 1, got {self.interactions}")
         if self.num_users < 1 or self.num_users > self.interactions - self.bot_rows:
             raise PrepError(
-                f"--users must be in 1..{self.interactions - self.bot_rows} (one interaction each at least)"
+                f"--users must be in 1..{self.interactions - self.bot_rows} "
+                "(one interaction each at least)"
             )
         if self.intents < 1 or self.num_items < 4 * self.intents:
             raise PrepError(f"--items ({self.num_items}) must be >= 4 x --intents ({self.intents})")

@@ -64,7 +64,10 @@ def write_prepared_dataset(
     table = table.cast(ARROW_SCHEMA)
     fs, root = _fs_and_root(url)
     if fs.exists(posixpath.join(root, MANIFEST_NAME)):
-        raise PrepError(f"{url} already holds a prepared dataset ({MANIFEST_NAME}); remove it or choose another --output")
+        raise PrepError(
+            f"{url} already holds a prepared dataset ({MANIFEST_NAME}); "
+            "remove it or choose another --output"
+        )
     fs.makedirs(root, exist_ok=True)
     for stale in fs.glob(posixpath.join(root, "part-*.parquet")):
         fs.rm(stale)
@@ -75,7 +78,9 @@ def write_prepared_dataset(
     for index in range(shards):
         rows = np.flatnonzero(assignment == index)
         name = shard_name(index, shards)
-        write_table(fs, posixpath.join(root, name), table.take(pa.array(rows)), compression=compression)
+        write_table(
+            fs, posixpath.join(root, name), table.take(pa.array(rows)), compression=compression
+        )
         names.append(name)
     lengths = pc.list_value_length(table.column("items"))
     manifest = build_manifest(

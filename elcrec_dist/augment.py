@@ -45,7 +45,9 @@ def _naive_last_start(n: int, width: int, reference: bool) -> int:
     return max(0, n - width - 1) if reference else n - width
 
 
-def naive_crop(seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False) -> list[int]:
+def naive_crop(
+    seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False
+) -> list[int]:
     """A random contiguous window of ``max(1, floor(ratio * n))`` items of ``seq``."""
     n = len(seq)
     raw = math.floor(ratio * n)
@@ -62,7 +64,9 @@ def naive_mask(seq: list[int], ratio: float, rng: random.Random) -> list[int]:
     return out
 
 
-def naive_reorder(seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False) -> list[int]:
+def naive_reorder(
+    seq: list[int], ratio: float, rng: random.Random, *, reference_starts: bool = False
+) -> list[int]:
     """``seq`` with a random contiguous window of ``floor(ratio * n)`` items shuffled."""
     n = len(seq)
     width = math.floor(ratio * n)
@@ -86,13 +90,19 @@ def _floor_count(ratio: float, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_start(
-    lengths: torch.Tensor, widths: torch.Tensor, generator: torch.Generator, *, newest: torch.Tensor | bool = True
+    lengths: torch.Tensor,
+    widths: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    newest: torch.Tensor | bool = True,
 ) -> torch.Tensor:
     """Start uniform over ``0 .. n - w`` per row, or ``0 .. n - w - 1`` where ``newest`` is False
     (at least the one start 0). -> [R] int64."""
     choices = lengths - widths + 1  # >= 1
     if newest is not True:
-        choices = torch.where(torch.as_tensor(newest, device=choices.device), choices, (choices - 1).clamp(min=1))
+        choices = torch.where(
+            torch.as_tensor(newest, device=choices.device), choices, (choices - 1).clamp(min=1)
+        )
     u = torch.rand(lengths.shape, dtype=torch.float64, generator=generator, device=lengths.device)
     # The clamp guards the (measure-zero) rounding of u * choices up to choices.
     return torch.minimum((u * choices).to(torch.int64), choices - 1)
@@ -103,7 +113,8 @@ def _crop(
 ) -> torch.Tensor:
     raw = _floor_count(config.crop_ratio, lengths)  # [R]
     width = raw.clamp(min=1)
-    newest = True if config.window_starts == "all" else raw < 1  # reference: only 1-item crops reach it
+    # reference: only 1-item crops reach it
+    newest = True if config.window_starts == "all" else raw < 1
     start = _uniform_start(lengths, width, generator, newest=newest)  # [R]
     total = rows.shape[1]
     columns = torch.arange(total, device=rows.device)[None, :]  # [1, L]

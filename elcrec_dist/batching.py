@@ -46,7 +46,10 @@ def padded_right(sequences: Sequence[np.ndarray], *, fill: int) -> torch.Tensor:
 
 
 def sample_negatives(
-    targets: torch.Tensor, sequences: Sequence[np.ndarray], num_items: int, generator: torch.Generator
+    targets: torch.Tensor,
+    sequences: Sequence[np.ndarray],
+    num_items: int,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """One negative per non-padded target position, uniform over items the user never had.
 
@@ -66,7 +69,9 @@ def sample_negatives(
         fresh = torch.randint(1, num_items + 1, targets.shape, generator=generator)
         negatives = torch.where(clash, fresh, negatives)
     else:  # pragma: no cover - needs a user who has seen almost every item
-        raise RuntimeError("could not sample negatives: a user has interacted with nearly every item")
+        raise RuntimeError(
+            "could not sample negatives: a user has interacted with nearly every item"
+        )
     return torch.where(todo, negatives, torch.zeros_like(negatives))
 
 

@@ -65,7 +65,9 @@ class TrainState:
     finished: bool = False
     # wall seconds spent so far in clustering (k-means start or per-epoch k-means), training
     # steps and validation; older checkpoints without it resume with zeros
-    seconds: dict[str, float] = field(default_factory=lambda: {"clustering": 0.0, "train": 0.0, "eval": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"clustering": 0.0, "train": 0.0, "eval": 0.0}
+    )
     # users won by each centre so far in ``epoch`` (summed over ranks), for the epoch's centre
     # statistics; a checkpoint from before this field resumes the epoch's counts from zero
     centre_wins: list[int] = field(default_factory=list)
@@ -171,8 +173,9 @@ def verify(folder: str | Path | Folder) -> dict[str, Any] | None:
 RESUMABLE_KEYS = frozenset({
     "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
-    "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size",
-    "deepspeed.overlap_comm", "deepspeed.item_exchange", "eval.sampled_negatives",
+    "eval.ks", "kmeans.batch_size", "deepspeed.reduce_bucket_size",
+    "deepspeed.allgather_bucket_size", "deepspeed.overlap_comm", "deepspeed.item_exchange",
+    "eval.sampled_negatives",
     "eval.sampled_distribution", "train.max_nonfinite_steps", "train.collective_timeout_s",
     "eval.tile_items",  # items scored at a time: the same ranks and metrics whatever its value
 })
@@ -192,13 +195,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class ConfigChanges:
     """How a resumed run's config differs from the one in its checkpoint (dotted keys)."""
 
-    changed: dict[str, tuple[Any, Any]]  # key -> (checkpoint's value, now), keys a resume may not change
+    # key -> (checkpoint's value, now), keys a resume may not change
+    changed: dict[str, tuple[Any, Any]]
     unrecorded: list[str]  # keys the checkpoint does not record (written before they existed)
     dropped: list[str]  # keys the checkpoint records that this version no longer has
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
-    """Compare the config a checkpoint recorded with the one a resume brings (both ``to_dict`` form)."""
+    """Compare the config a checkpoint recorded with the one a resume brings (both ``to_dict``
+    form)."""
     old = _flatten(json.loads(json.dumps(stored)))  # the JSON round trip a checkpoint went through
     new = _flatten(json.loads(json.dumps(current)))
     changed = {
@@ -211,15 +216,24 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
 
 def _refuse_changed_config(folder: Folder | Path, changes: ConfigChanges) -> None:
     if changes.changed:
-        listed = "; ".join(f"{key}: {before!r} in the checkpoint, {after!r} now" for key, (before, after) in changes.changed.items())
+        listed = "; ".join(
+            f"{key}: {before!r} in the checkpoint, {after!r} now"
+            for key, (before, after) in changes.changed.items()
+        )
         raise CheckpointError(
-            f"cannot resume from {folder}: the config differs from the one the run was started with ({listed}). "
+            f"cannot resume from {folder}: the config differs from the one the run was started "
+            f"with ({listed}). "
             "Resume with the run's own settings (its config.yaml), or start a new run folder"
         )
 
 
 def check_resume(
-    folder: Folder | Path, record: dict[str, Any], *, config: dict[str, Any], dataset: dict[str, Any], world: int
+    folder: Folder | Path,
+    record: dict[str, Any],
+    *,
+    config: dict[str, Any],
+    dataset: dict[str, Any],
+    world: int,
 ) -> ConfigChanges:
     """Raise ``CheckpointError`` if resuming from ``folder`` (commit ``record``) would change what
     the run computes: another number of ranks (each rank's data shard and optimizer partition),
@@ -234,7 +248,9 @@ def check_resume(
     recorded = record.get("dataset")
     if recorded is not None and recorded != dataset:
         listed = "; ".join(
-            f"{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now" for key, value in dataset.items() if recorded.get(key) != value
+            f"{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now"
+            for key, value in dataset.items()
+            if recorded.get(key) != value
         )
         raise CheckpointError(
             f"cannot resume from {folder}: it was trained on another dataset ({listed}); "
@@ -354,7 +370,11 @@ def save_model(path: str | Path, *, state: dict[str, torch.Tensor], config: dict
                meta: dict[str, Any]) -> None:
     """Write {model state, resolved config, meta} to ``path`` (a local path or URL), whole."""
     parent, name = _split(path)
-    payload = {"model": {k: v.detach().cpu() for k, v in state.items()}, "config": config, "meta": meta}
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in state.items()},
+        "config": config,
+        "meta": meta,
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     parent.write_bytes(buffer.getvalue(), name)
@@ -400,7 +420,8 @@ def load_model(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of module weights (data parallel: one)
+# DeepSpeed's file of module weights (data parallel: one)
+MODEL_STATES = "mp_rank_00_model_states.pt"
 OBJECTIVE_PREFIX = "model."  # the engine wraps the model as ``ELCRecObjective.model``
 
 
@@ -416,7 +437,9 @@ def load_model_weights(path: str | Path | Folder) -> dict[str, torch.Tensor]:
     if not folder.is_dir():
         return {k: v.float() for k, v in load_model(str(path))["model"].items()}
     if verify(folder) is None:
-        raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)")
+        raise CheckpointError(
+            f"{folder}: not a complete checkpoint (no {COMMIT_NAME}, or its files changed)"
+        )
     try:
         states = _load_weights_only(folder.read_bytes(MODEL_STATES),
                                     source=folder.show(MODEL_STATES))
@@ -424,7 +447,9 @@ def load_model_weights(path: str | Path | Folder) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{folder}: the checkpoint has no {MODEL_STATES}") from None
     module = states.get("module") if isinstance(states, dict) else None
     if not isinstance(module, dict) or not all(k.startswith(OBJECTIVE_PREFIX) for k in module):
-        raise CheckpointError(f"{folder.show(MODEL_STATES)}: no module weights named {OBJECTIVE_PREFIX}*")
+        raise CheckpointError(
+            f"{folder.show(MODEL_STATES)}: no module weights named {OBJECTIVE_PREFIX}*"
+        )
     return {k[len(OBJECTIVE_PREFIX):]: v.float() for k, v in module.items()}
 
 
@@ -457,8 +482,14 @@ class Checkpointer:
     run log stores its files there, so that a resumed run finds every row up to its step).
     """
 
-    def __init__(self, run_dir: str | Path | Folder, *, config: ExperimentConfig, dataset: dict[str, Any],
-                 before_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path | Folder,
+        *,
+        config: ExperimentConfig,
+        dataset: dict[str, Any],
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.run_dir = Folder.of(run_dir)
         self.config = config
         self.dataset = dataset
@@ -518,24 +549,43 @@ class Checkpointer:
                        if resume and dist_utils.is_main() else None)
         found = dist_utils.broadcast_object(chosen)
         if resume == "required" and found is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {self.run_dir.show(CHECKPOINTS)}")
+            raise CheckpointError(
+                f"--resume: no complete checkpoint under {self.run_dir.show(CHECKPOINTS)}"
+            )
         if found is None:
             return None
         folder, committed = found
-        changes = check_resume(folder, committed, config=self.config.to_dict(), dataset=self.dataset,
-                               world=dist_utils.world_size())
+        changes = check_resume(
+            folder,
+            committed,
+            config=self.config.to_dict(),
+            dataset=self.dataset,
+            world=dist_utils.world_size(),
+        )
         if changes.unrecorded and dist_utils.is_main():
-            logger.warning("%s does not record %s (written before they existed); continuing with this run's values",
-                           folder, ", ".join(changes.unrecorded))
+            logger.warning(
+                "%s does not record %s (written before they existed); "
+                "continuing with this run's values",
+                folder,
+                ", ".join(changes.unrecorded),
+            )
         if changes.dropped and dist_utils.is_main():
-            logger.warning("%s records %s, which this version no longer has", folder, ", ".join(changes.dropped))
-        return Restored(folder, TrainState.from_dict(committed["state"]), tuple(recorded_files(committed)))
+            logger.warning(
+                "%s records %s, which this version no longer has",
+                folder,
+                ", ".join(changes.dropped),
+            )
+        return Restored(
+            folder, TrainState.from_dict(committed["state"]), tuple(recorded_files(committed))
+        )
 
     def load(self, engine: Any, restored: Restored) -> None:
         """Restore the engine (model, optimizer partitions) from ``restored``; then drop the
         partial saves a killed run may have left (rank 0, after every rank has read)."""
         with local_copy(restored) as local:
-            engine.load_checkpoint(str(local.parent), tag=local.name, load_lr_scheduler_states=False)
+            engine.load_checkpoint(
+                str(local.parent), tag=local.name, load_lr_scheduler_states=False
+            )
         agree(lambda: prune(self.run_dir, keep=self.config.train.keep_checkpoints)
               if dist_utils.is_main() else None)
 
@@ -545,13 +595,16 @@ class Checkpointer:
         stops every rank (``rundir.agree``), with nothing committed."""
         folder = self.run_dir.child(CHECKPOINTS, tag_of(state.global_step))
         if folder.local:
-            engine.save_checkpoint(str(folder.local_path().parent), tag=folder.name, client_state={},
-                                   save_latest=False)
+            engine.save_checkpoint(
+                str(folder.local_path().parent), tag=folder.name, client_state={}, save_latest=False
+            )
             dist_utils.barrier()
             files = None  # rank 0 hashes the shared folder
         else:
             with scratch("elcrec-save-") as local:
-                engine.save_checkpoint(str(local), tag=folder.name, client_state={}, save_latest=False)
+                engine.save_checkpoint(
+                    str(local), tag=folder.name, client_state={}, save_latest=False
+                )
                 uploaded = gather(agree(lambda: _upload_tree(local / folder.name, folder)))
             files = [record for records in uploaded for record in records]
             duplicated = sorted({f.path for f in files if sum(g.path == f.path for g in files) > 1})
@@ -561,7 +614,9 @@ class Checkpointer:
         def commit_and_prune() -> None:
             if self.before_commit is not None:
                 self.before_commit()
-            commit(folder, state=state, config=self.config.to_dict(), dataset=self.dataset, files=files)
+            commit(
+                folder, state=state, config=self.config.to_dict(), dataset=self.dataset, files=files
+            )
             prune(self.run_dir, keep=self.config.train.keep_checkpoints)
 
         agree(lambda: commit_and_prune() if dist_utils.is_main() else None)
@@ -692,6 +747,8 @@ def safe_checkpoint_engine() -> Any:
                 with safe_globals(_engine_safe_globals()):
                     return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as exc:
-                raise CheckpointError(f"{path}: refusing to load it: {_load_failure(exc)}") from None
+                raise CheckpointError(
+                    f"{path}: refusing to load it: {_load_failure(exc)}"
+                ) from None
 
     return SafeCheckpointEngine()

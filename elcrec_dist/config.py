@@ -24,7 +24,8 @@ from elcrec_dist.errors import PermanentError
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load's loader, but reading ``1e-3`` as a float (YAML 1.2), not as a string (YAML 1.1)."""
+    """safe_load's loader, but reading ``1e-3`` as a float (YAML 1.2), not as a string (YAML
+    1.1)."""
 
 
 _Loader.add_implicit_resolver(
@@ -77,7 +78,8 @@ class ModelConfig:
         require(self.hidden_size >= 1, "model.hidden_size must be >= 1")
         require(
             self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
-            f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})",
+            f"model.num_heads ({self.num_heads}) must divide "
+            f"model.hidden_size ({self.hidden_size})",
         )
         require(self.max_len >= 2, "model.max_len must be >= 2")
         require(self.num_clusters >= 1, "model.num_clusters must be >= 1")
@@ -301,17 +303,22 @@ class DeepSpeedConfig:
             f"deepspeed.item_exchange=sparse needs deepspeed.zero_stage 0 (ZeRO {self.zero_stage} "
             "reduces gradients in its own hooks); use dense, or auto (dense under ZeRO)",
         )
-        require(self.reduce_bucket_size >= 1, f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}")
+        require(
+            self.reduce_bucket_size >= 1,
+            f"deepspeed.reduce_bucket_size must be >= 1, got {self.reduce_bucket_size}",
+        )
         # ZeRO aligns its all-gather buffers to 4 bytes, counted in 2-byte elements
         require(
             self.allgather_bucket_size >= 2 and self.allgather_bucket_size % 2 == 0,
-            f"deepspeed.allgather_bucket_size must be a positive even number, got {self.allgather_bucket_size}",
+            "deepspeed.allgather_bucket_size must be a positive even number, "
+            f"got {self.allgather_bucket_size}",
         )
         # At stage 0 DeepSpeed keeps bf16 master weights in an optimizer without the fp32
         # accessors that the centres' per-step re-projection writes through (train.project_centres).
         require(
             not (self.bf16 and self.zero_stage == 0),
-            "deepspeed.bf16 needs deepspeed.zero_stage 1 or 2 (the centre re-projection must reach the fp32 master copy)",
+            "deepspeed.bf16 needs deepspeed.zero_stage 1 or 2 "
+            "(the centre re-projection must reach the fp32 master copy)",
         )
         require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0")
 
@@ -339,12 +346,13 @@ class ExperimentConfig:
         )
         require(
             not (self.loss.cluster_form != "published" and self.model.num_clusters < 2),
-            f"loss.cluster_form={self.loss.cluster_form} needs model.num_clusters >= 2 (its uniformity term is over centre pairs)",
+            f"loss.cluster_form={self.loss.cluster_form} needs model.num_clusters >= 2 "
+            "(its uniformity term is over centre pairs)",
         )
         require(
             not (self.model.intents == "epoch_kmeans" and self.loss.cluster_weight > 0),
-            "model.intents=epoch_kmeans keeps the centres fixed during an epoch: set loss.cluster_weight to 0 "
-            f"(got {self.loss.cluster_weight})",
+            "model.intents=epoch_kmeans keeps the centres fixed during an epoch: "
+            f"set loss.cluster_weight to 0 (got {self.loss.cluster_weight})",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,7 +399,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if annotation is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {value!r}")

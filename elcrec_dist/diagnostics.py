@@ -37,13 +37,19 @@ def popularity_sums(
     for start in range(0, len(sequences), 1024):
         batch = eval_batch(sequences[start : start + 1024], split, max_len=1)
         scores = scores_row.expand(len(batch.answers), -1)
-        for name, value in metric_sums(answer_ranks(scores, batch.answers, batch.history), ks).items():
+        for name, value in metric_sums(
+            answer_ranks(scores, batch.answers, batch.history), ks
+        ).items():
             totals[name] += value
     return totals
 
 
 def popularity_metrics(
-    sequences: Sequence[np.ndarray], *, num_items: int, split: Split, ks: Sequence[int] = (5, 10, 20)
+    sequences: Sequence[np.ndarray],
+    *,
+    num_items: int,
+    split: Split,
+    ks: Sequence[int] = (5, 10, 20),
 ) -> dict[str, float]:
     """Most-popular baseline over users held in memory."""
     counts = item_counts(sequences, num_items=num_items)
@@ -64,7 +70,9 @@ def intent_recovery(
     centres = F.normalize(model.cluster_centers.detach().float().cpu(), dim=-1)
     assigned = nearest_centre(users, centres).numpy()
     rng = np.random.default_rng(seed)
-    chance = float(np.mean([normalized_mutual_info(rng.permutation(planted), assigned) for _ in range(5)]))
+    chance = float(
+        np.mean([normalized_mutual_info(rng.permutation(planted), assigned) for _ in range(5)])
+    )
     return {
         "intent_nmi": normalized_mutual_info(planted, assigned),
         "intent_nmi_chance": chance,

@@ -40,13 +40,21 @@ def init(*, local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S)
 
     timeout = datetime.timedelta(seconds=timeout_s)
     accelerator = get_accelerator()
-    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    backend = (
+        "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    )
     present = [name for name in REQUIRED_ENV if name in os.environ]
     if not present:
         # Started without a launcher: a world of one. Its group lives in an in-process store,
         # so it needs no TCP port (a probed "free" port can be taken before it is bound).
         # MASTER_PORT 0: a child process that inherits this environment binds any free port.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0), MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK=str(local_rank or 0),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT="0",
+        )
         if not dist.is_initialized():
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
@@ -103,7 +111,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _all_reduce_dict(values: Mapping[str, float], device: torch.device, op: Any) -> dict[str, float]:
+def _all_reduce_dict(
+    values: Mapping[str, float], device: torch.device, op: Any
+) -> dict[str, float]:
     keys = sorted(values)
     if not dist.is_initialized() or world_size() == 1:
         return {k: float(values[k]) for k in keys}
@@ -218,7 +228,9 @@ class BatchShard:
 LOCAL = BatchShard()
 
 
-def batch_shard(local_rows: int, *, device: torch.device, local_negatives: bool = False) -> BatchShard:
+def batch_shard(
+    local_rows: int, *, device: torch.device, local_negatives: bool = False
+) -> BatchShard:
     """The ``BatchShard`` of this rank for a step where it holds ``local_rows`` users."""
     counts = row_counts(local_rows, device)
     r = rank()

@@ -55,7 +55,9 @@ def _excluded_history(
     return ordered, (ordered > 0) & ~repeated & (ordered != answers[:, None])
 
 
-def answer_ranks(scores: torch.Tensor, answers: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+def answer_ranks(
+    scores: torch.Tensor, answers: torch.Tensor, history: torch.Tensor
+) -> torch.Tensor:
     """0-based pessimistic rank of each answer among the candidates (dense reference).
 
     scores: [B, N + 1] (column 0 is padding); answers: [B]; history: [B, L] item ids to exclude,

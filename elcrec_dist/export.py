@@ -6,11 +6,16 @@ pickle:
 | file | what |
 |---|---|
 | ``model.safetensors`` | every weight, named like ``ELCRec.state_dict()`` |
-| ``manifest.json`` | format and version, the resolved config, the catalogue, the graphs' inputs and outputs, the checks below, every file with its sha256 |
-| ``items.parquet`` | the item table: ``item`` (original id), ``item_id``, ``vector`` [D] (what an ANN index or a vector database ingests) |
-| ``intents.parquet`` | the intent centres: ``intent``, ``vector`` [D] (raw; intents compare by cosine) |
-| ``user_encoder.onnx`` / ``.pt2`` | item-id history ``items`` [B, T] int64 (left-padded with 0, newest last) -> ``user_vector`` [B, D] float32 |
-| ``topk_scorer.onnx`` / ``.pt2`` | ``user_vector`` [B, D], ``exclude`` [B, L] int64 item ids (0: none) -> ``items`` [B, K] int64, ``scores`` [B, K] float32 |
+| ``manifest.json`` | format and version, the resolved config, the catalogue, the graphs' inputs
+  and outputs, the checks below, every file with its sha256 |
+| ``items.parquet`` | the item table: ``item`` (original id), ``item_id``, ``vector`` [D] (what an
+  ANN index or a vector database ingests) |
+| ``intents.parquet`` | the intent centres: ``intent``, ``vector`` [D] (raw; intents compare by
+  cosine) |
+| ``user_encoder.onnx`` / ``.pt2`` | item-id history ``items`` [B, T] int64 (left-padded with 0,
+  newest last) -> ``user_vector`` [B, D] float32 |
+| ``topk_scorer.onnx`` / ``.pt2`` | ``user_vector`` [B, D], ``exclude`` [B, L] int64 item ids (0:
+  none) -> ``items`` [B, K] int64, ``scores`` [B, K] float32 |
 
 ONNX runs in ONNX Runtime (and Triton's ONNX backend); ``.pt2`` is ``torch.export``'s archive
 (``torch.export.load``), saved without its example inputs, so that it holds JSON and raw tensor
@@ -73,7 +78,9 @@ class TopKScorer(nn.Module):
         self.register_buffer("table", table.detach().clone())
         self.k = k
 
-    def forward(self, user_vector: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, user_vector: torch.Tensor, exclude: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scores = user_vector @ self.table.T  # [B, N + 1]
         minus_inf = torch.full_like(exclude, 0, dtype=scores.dtype) - torch.inf  # [B, L]
         scores = scores.scatter(1, exclude, minus_inf)
@@ -103,7 +110,9 @@ def graphs(model: ELCRec, k: int) -> list[Graph]:
     ]
 
 
-def probe_inputs(model: ELCRec, *, users: int = PROBE_USERS, seed: int = 0) -> dict[str, torch.Tensor]:
+def probe_inputs(
+    model: ELCRec, *, users: int = PROBE_USERS, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A seeded batch of random histories of every length 1..T, and items to exclude."""
     gen = torch.Generator().manual_seed(seed)
     t, n = model.config.max_len, model.num_items
@@ -211,11 +220,15 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def export_request(trained: TrainedModel, info_fingerprint: dict[str, Any], k: int) -> dict[str, Any]:
+def export_request(
+    trained: TrainedModel, info_fingerprint: dict[str, Any], k: int
+) -> dict[str, Any]:
     return {"model_sha256": trained.sha256, "dataset": info_fingerprint, "k": k}
 
 
-def write_export(trained: TrainedModel, idmaps: IdMaps, out: OutputFolder, *, k: int) -> dict[str, Any]:
+def write_export(
+    trained: TrainedModel, idmaps: IdMaps, out: OutputFolder, *, k: int
+) -> dict[str, Any]:
     """Write every file of the export (``out`` claimed by the caller), then the manifest."""
     from safetensors.torch import save as safetensors_bytes
 

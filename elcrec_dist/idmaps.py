@@ -54,18 +54,30 @@ class IdMaps:
         if name:
             path = posixpath.join(root, name)
             data = _read_bytes(fs, path, url, name)
-            if extra.get("item_map_sha256") and hashlib.sha256(data).hexdigest() != extra["item_map_sha256"]:
-                raise DatasetError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+            if (
+                extra.get("item_map_sha256")
+                and hashlib.sha256(data).hexdigest() != extra["item_map_sha256"]
+            ):
+                raise DatasetError(
+                    f"{path}: sha256 differs from the manifest (file changed or corrupt)"
+                )
             table = pq.read_table(pa.BufferReader(data))
             if not {"item", "item_id"} <= set(table.column_names):
-                raise DatasetError(f"{path}: columns {table.column_names}, expected item and item_id")
-            ids = table.column("item_id").to_numpy()
-            if len(ids) != info.num_items or not np.array_equal(ids, np.arange(1, info.num_items + 1)):
                 raise DatasetError(
-                    f"{path}: item ids are not 1..{info.num_items} in order (the manifest's catalogue)"
+                    f"{path}: columns {table.column_names}, expected item and item_id"
+                )
+            ids = table.column("item_id").to_numpy()
+            if len(ids) != info.num_items or not np.array_equal(
+                ids, np.arange(1, info.num_items + 1)
+            ):
+                raise DatasetError(
+                    f"{path}: item ids are not 1..{info.num_items} in order "
+                    "(the manifest's catalogue)"
                 )
             items = table.column("item").combine_chunks()
-        return cls(url, info, item_originals=items, user_map_files=extra.get("user_map_files") or [])
+        return cls(
+            url, info, item_originals=items, user_map_files=extra.get("user_map_files") or []
+        )
 
     @property
     def item_type(self) -> pa.DataType:
@@ -75,7 +87,9 @@ class IdMaps:
     def user_type(self) -> pa.DataType:
         if not self._user_files:
             return pa.int64()
-        schema = pq.read_schema(self._fs.open(posixpath.join(self._root, self._user_files[0]), "rb"))
+        schema = pq.read_schema(
+            self._fs.open(posixpath.join(self._root, self._user_files[0]), "rb")
+        )
         return schema.field("user").type
 
     def items(self, item_ids: np.ndarray) -> pa.Array:
@@ -117,7 +131,9 @@ class IdMaps:
             path = posixpath.join(self._root, name)
             table = pq.read_table(pa.BufferReader(_read_bytes(self._fs, path, self.url, name)))
             if not {"user", "user_id"} <= set(table.column_names):
-                raise DatasetError(f"{path}: columns {table.column_names}, expected user and user_id")
+                raise DatasetError(
+                    f"{path}: columns {table.column_names}, expected user and user_id"
+                )
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[name] = (

@@ -238,11 +238,19 @@ def write_shard(
     """Score output shard ``shard`` of ``shards`` and write it; returns its record and users."""
     model = trained.model
     schema = output_schema(idmaps, model.config.hidden_size)
-    files = sorted({data.units[p.unit].file for p in data.eval_plan(rank=shard, world=shards).pieces})
+    files = sorted(
+        {data.units[p.unit].file for p in data.eval_plan(rank=shard, world=shards).pieces}
+    )
     tables = []
     for chunk in data.eval_sequences(rank=shard, world=shards, batch_size=settings.batch_size):
-        result = infer_batch(model, chunk.sequences, k=settings.k, keep_history=settings.keep_history,
-                             split=settings.split, tile_items=settings.tile_items)
+        result = infer_batch(
+            model,
+            chunk.sequences,
+            k=settings.k,
+            keep_history=settings.keep_history,
+            split=settings.split,
+            tile_items=settings.tile_items,
+        )
         users = idmaps.users(chunk.user_ids, files)
         tables.append(rows_table(result, users, idmaps, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
@@ -269,7 +277,9 @@ def run_inference(
     mine: list[dict[str, Any]] = []
     users = 0
     for shard in my_shards(shards, rank=rank, world=world):
-        record, rows = write_shard(trained, data, idmaps, settings, shard=shard, shards=shards, out=out)
+        record, rows = write_shard(
+            trained, data, idmaps, settings, shard=shard, shards=shards, out=out
+        )
         mine.append({**record.to_dict(), "rows": rows})
         users += rows
         logger.info("shard %d of %d: %d users", shard + 1, shards, rows)
@@ -279,7 +289,9 @@ def run_inference(
     slowest = max(dist_utils.broadcast_object(seconds, src=src) for src in range(world))
     if dist_utils.is_main():
         if total != data.info.num_users:
-            raise DatasetError(f"{data.url}: scored {total} users, the manifest lists {data.info.num_users}")
+            raise DatasetError(
+                f"{data.url}: scored {total} users, the manifest lists {data.info.num_users}"
+            )
         out.commit(
             [FileRecord(r["path"], r["bytes"], r["sha256"]) for r in records],
             {
@@ -296,7 +308,9 @@ def run_inference(
     return InferenceStats(users=total, seconds=slowest)
 
 
-def inference_request(trained: TrainedModel, info: DatasetInfo, settings: InferenceSettings) -> dict[str, Any]:
+def inference_request(
+    trained: TrainedModel, info: DatasetInfo, settings: InferenceSettings
+) -> dict[str, Any]:
     """What an output folder records as its request: the model, the dataset, the settings."""
     return {"model_sha256": trained.sha256, "dataset": info.fingerprint(), **settings.request()}
 

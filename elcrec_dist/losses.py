@@ -104,7 +104,9 @@ def cluster_loss(
     return pull - spread / shard.world
 
 
-def normalize_centres(centres: torch.Tensor, gradient: Literal["reference", "tangent"]) -> torch.Tensor:
+def normalize_centres(
+    centres: torch.Tensor, gradient: Literal["reference", "tangent"]
+) -> torch.Tensor:
     """Centres [k, D] scaled to unit rows. ``"tangent"``: through ``F.normalize`` (the gradient
     loses its radial part). ``"reference"``: divided by their detached norms, so the value is
     the same but the gradient is the raw rows' one over the norm (at unit rows, exactly the
@@ -113,10 +115,14 @@ def normalize_centres(centres: torch.Tensor, gradient: Literal["reference", "tan
         return F.normalize(centres, dim=-1)
     if gradient == "reference":
         return centres / centres.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    raise ValueError(f"normalize_centres: gradient must be 'reference' or 'tangent', got {gradient!r}")
+    raise ValueError(
+        f"normalize_centres: gradient must be 'reference' or 'tangent', got {gradient!r}"
+    )
 
 
-def assign_users(user_emb: torch.Tensor, centres: torch.Tensor, *, normalize_centres: bool = True) -> torch.Tensor:
+def assign_users(
+    user_emb: torch.Tensor, centres: torch.Tensor, *, normalize_centres: bool = True
+) -> torch.Tensor:
     """Each user's intent: the centre nearest to its L2-normalised embedding (no gradient).
 
     user_emb [B, D], centres [k, D] -> [B] int64. The centres are normalised too unless
@@ -273,7 +279,8 @@ CLUSTER_FORMS: dict[str, ClusterTerm] = {
 
 
 def uniformity(c: torch.Tensor) -> torch.Tensor:
-    """``log mean_{i≠j} exp(−2 ||c_i − c_j||²)`` over distinct rows of c [k, D] (Wang & Isola, 2020)."""
+    """``log mean_{i≠j} exp(−2 ||c_i − c_j||²)`` over distinct rows of c [k, D] (Wang & Isola,
+    2020)."""
     k = c.shape[0]
     sq = c.pow(2).sum(-1)
     pair_sq = (sq[:, None] + sq[None, :] - 2.0 * (c @ c.T)).clamp(min=0.0)  # [k, k]
@@ -302,7 +309,9 @@ def fuse_intents(
     elif fusion == "concat":
         fused = torch.cat([view_hidden, assigned], dim=-1)
     else:
-        raise ValueError(f"fuse_intents: fusion must be 'shift', 'concat' or 'none', got {fusion!r}")
+        raise ValueError(
+            f"fuse_intents: fusion must be 'shift', 'concat' or 'none', got {fusion!r}"
+        )
     return fused.reshape(r, -1)
 
 

@@ -89,7 +89,9 @@ class SelfAttention(nn.Module):
         b, t = inp.shape[:2]
         return proj(inp).view(b, t, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
         """x: [B, T, D]; mask: additive [B, 1, T, T] (0 or MASK_VALUE). Returns [B, T, D], or
         [B, 1, D] for the newest position only when ``last_only`` (keys and values still span
         all T positions)."""
@@ -135,7 +137,9 @@ class Block(nn.Module):
         self.attention = SelfAttention(config)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
         return self.feed_forward(self.attention(x, mask, last_only=last_only))
 
 

@@ -104,7 +104,9 @@ class OutputFolder:
                 f"{self.url} holds an unfinished output of another request "
                 f"({pending.get('format')!r}); remove it or choose another --output"
             )
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        shown = ", ".join(entries[:5]) + (
+            f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        )
         raise OutputFolderError(
             f"{self.url} is not empty ({shown}) and holds no output of this command; "
             f"choose an empty or new folder"

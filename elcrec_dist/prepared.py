@@ -90,7 +90,9 @@ def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, *, compression: str = "zstd") -> None:
+def write_table(
+    fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, *, compression: str = "zstd"
+) -> None:
     """Write one Parquet file deterministically (same table -> same bytes)."""
     table = table.cast(ARROW_SCHEMA)
     with fs.open(path, "wb") as handle:
@@ -159,7 +161,8 @@ def read_info(url: str) -> DatasetInfo:
     if not fs.exists(path):
         raise DatasetError(
             f"{url}: no {MANIFEST_NAME}; not a prepared dataset (or one whose writing did not "
-            f"finish). Prepare it with `python -m data_prep.benchmark` or `python -m data_prep.synthetic`."
+            "finish). Prepare it with `python -m data_prep.benchmark` or "
+            "`python -m data_prep.synthetic`."
         )
     try:
         with fs.open(path, "r") as handle:
@@ -167,7 +170,9 @@ def read_info(url: str) -> DatasetInfo:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: manifest is not valid JSON: {exc}") from exc
     if manifest.get("format") != FORMAT_NAME:
-        raise DatasetError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise DatasetError(
+            f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}"
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(
             f"{path}: schema_version {manifest.get('schema_version')!r} is not supported "
@@ -201,7 +206,9 @@ def iter_tables(url: str, info: DatasetInfo, *, verify: bool = True) -> Iterator
         if size != entry.bytes:
             raise DatasetError(f"{full}: {size} bytes, manifest says {entry.bytes}")
         if verify and sha256_of(fs, full) != entry.sha256:
-            raise DatasetError(f"{full}: sha256 differs from the manifest (file changed or corrupt)")
+            raise DatasetError(
+                f"{full}: sha256 differs from the manifest (file changed or corrupt)"
+            )
         with fs.open(full, "rb") as handle:
             table = pq.read_table(handle)
         if table.num_rows != entry.rows:
@@ -209,7 +216,9 @@ def iter_tables(url: str, info: DatasetInfo, *, verify: bool = True) -> Iterator
         yield table
 
 
-def load_sequences(url: str, *, verify: bool = True) -> tuple[DatasetInfo, np.ndarray, list[np.ndarray]]:
+def load_sequences(
+    url: str, *, verify: bool = True
+) -> tuple[DatasetInfo, np.ndarray, list[np.ndarray]]:
     """All users of a prepared dataset in memory: (info, user ids [U], item sequences).
 
     Sequences are int64 arrays in time order. Users appear in file order, then row order.

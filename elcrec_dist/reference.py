@@ -50,7 +50,9 @@ def map_reference_key(key: str) -> str | None:
     return None
 
 
-def convert_reference_state(published: dict[str, torch.Tensor], model: ELCRec) -> dict[str, torch.Tensor]:
+def convert_reference_state(
+    published: dict[str, torch.Tensor], model: ELCRec
+) -> dict[str, torch.Tensor]:
     """Map and shape-check a published state dict onto ``model``'s parameter names.
 
     The published item table has one extra trailing row (an id the reference reserves); it is
@@ -76,18 +78,23 @@ def convert_reference_state(published: dict[str, torch.Tensor], model: ELCRec) -
             if tensor.shape[0] != expected_rows or tensor.shape[1:] != ours[name].shape[1:]:
                 problems.append(
                     f"{key} is {list(tensor.shape)}; the dataset has {model.num_items} items, so "
-                    f"[{expected_rows}, {ours[name].shape[1]}] (padding + items + 1 reserved) was expected"
+                    f"[{expected_rows}, {ours[name].shape[1]}] (padding + items + 1 reserved) "
+                    "was expected"
                 )
                 continue
             tensor = tensor[: model.num_items + 1]
         elif tensor.shape != ours[name].shape:
             hint = " (model.num_clusters)" if name == "cluster_centers" else ""
-            problems.append(f"{key} is {list(tensor.shape)}, the config expects {list(ours[name].shape)}{hint}")
+            problems.append(
+                f"{key} is {list(tensor.shape)}, the config expects {list(ours[name].shape)}{hint}"
+            )
             continue
         converted[name] = tensor.to(ours[name].dtype)
     missing = sorted(set(ours) - named)
     if missing:
-        problems.append(f"checkpoint lacks {', '.join(missing)} (does the config have more layers?)")
+        problems.append(
+            f"checkpoint lacks {', '.join(missing)} (does the config have more layers?)"
+        )
     if problems:
         raise ReferenceError("published checkpoint does not fit the config: " + "; ".join(problems))
     return converted
@@ -101,6 +108,8 @@ def load_reference(path: str | Path, model: ELCRec) -> None:
         raise ReferenceError(f"{path}: no such file") from None
     except Exception as exc:  # unpickling errors have many types; all mean "not a state dict"
         raise ReferenceError(f"{path}: cannot be read as a weights-only checkpoint: {exc}") from exc
-    if not isinstance(published, dict) or not all(isinstance(v, torch.Tensor) for v in published.values()):
+    if not isinstance(published, dict) or not all(
+        isinstance(v, torch.Tensor) for v in published.values()
+    ):
         raise ReferenceError(f"{path}: expected a plain state_dict of tensors")
     model.load_state_dict(convert_reference_state(published, model), strict=True)

@@ -72,7 +72,10 @@ class IntentTotals:
         self.users += np.bincount(intents, minlength=self.k)
         self.cosine_sum += np.bincount(intents, weights=cosines, minlength=self.k)
         lengths = np.array([len(s) for s in sequences])
-        keys = np.repeat(intents.astype(np.int64), lengths) * (self.num_items + 1) + np.concatenate(sequences)
+        keys = (
+            np.repeat(intents.astype(np.int64), lengths) * (self.num_items + 1)
+            + np.concatenate(sequences)
+        )
         keys = np.concatenate([self.pair_keys, keys])
         weights = np.concatenate([self.pair_counts, np.ones(int(lengths.sum()), np.int64)])
         self.pair_keys, inverse = np.unique(keys, return_inverse=True)
@@ -110,7 +113,9 @@ def assign_users(trained: TrainedModel, data: StreamingDataset, *, batch_size: i
     rng = np.random.default_rng(seed)
     ids, intents, cosines, sample, masks = [], [], [], [], []
     for chunk in data.eval_sequences(rank=0, world=1, batch_size=batch_size):
-        pooled = F.normalize(pooled_embeddings(model, chunk.sequences, batch_size=batch_size), dim=-1)
+        pooled = F.normalize(
+            pooled_embeddings(model, chunk.sequences, batch_size=batch_size), dim=-1
+        )
         nearest = nearest_centre(pooled, centres)
         cos = (pooled * centres[nearest]).sum(-1).numpy().astype(np.float64)
         got = nearest.numpy()
@@ -151,8 +156,10 @@ def intent_table(assignment: Assignment, idmaps: IdMaps) -> list[dict[str, Any]]
             originals = idmaps.items(items[top]).to_pylist()
             row.update(
                 mean_cosine=float(totals.cosine_sum[c] / n),
-                typical_items=[{"item": o, "count": int(counts[t]), "lift": float(p[t] / p_all[items[t]])}
-                               for o, t in zip(originals, top, strict=True)],
+                typical_items=[
+                    {"item": o, "count": int(counts[t]), "lift": float(p[t] / p_all[items[t]])}
+                    for o, t in zip(originals, top, strict=True)
+                ],
                 top_items_share=float(counts[top].sum() / per_intent_total[c]),
             )
         rows.append(row)

@@ -93,7 +93,8 @@ class RunLogger:
         self._jsonl = open(self._local / METRICS, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record scalar ``metrics`` (names like ``loss/next_item``, ``valid/NDCG@20``) at ``step``."""
+        """Record scalar ``metrics`` (names like ``loss/next_item``, ``valid/NDCG@20``) at
+        ``step``."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
@@ -109,7 +110,9 @@ class RunLogger:
             try:
                 self.sync()
             except StorageError as exc:  # not fatal here: the next sync uploads it all again
-                logger.warning("the run log could not be stored yet (%s); retrying at the next flush", exc)
+                logger.warning(
+                    "the run log could not be stored yet (%s); retrying at the next flush", exc
+                )
 
     def sync(self) -> None:
         """Flush both files and, for an object-store run folder, upload each one that changed
@@ -138,7 +141,11 @@ class RunLogger:
             return
         self._jsonl.close()
         path = self._local / METRICS
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _kept(json.loads(line), step)]
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if _kept(json.loads(line), step)
+        ]
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(path)

@@ -53,10 +53,14 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def draw_hashes(seed: int, split: Split, user_ids: np.ndarray, round_: int, count: int) -> np.ndarray:
+def draw_hashes(
+    seed: int, split: Split, user_ids: np.ndarray, round_: int, count: int
+) -> np.ndarray:
     """Hashes of draws 0..count-1 of ``round_`` for each user: [U] int64 -> [U, count] uint64."""
     with np.errstate(over="ignore"):
-        first = np.asarray([seed], dtype=np.uint64) ^ (np.uint64(_SPLIT_CODE[split]) << np.uint64(56))
+        first = np.asarray([seed], dtype=np.uint64) ^ (
+            np.uint64(_SPLIT_CODE[split]) << np.uint64(56)
+        )
         key = splitmix64(first)  # [1]
         key = splitmix64(key ^ np.asarray(user_ids, dtype=np.int64).view(np.uint64))  # [U]
         key = splitmix64(key ^ np.uint64(round_))
@@ -94,7 +98,9 @@ class NegativeSampler:
         u = (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53 * self.cdf[-1]
         return np.searchsorted(self.cdf, u, side="right").astype(np.int64) + 1
 
-    def draw(self, user_ids: np.ndarray, sequences: Sequence[np.ndarray], split: Split) -> np.ndarray:
+    def draw(
+        self, user_ids: np.ndarray, sequences: Sequence[np.ndarray], split: Split
+    ) -> np.ndarray:
         """Each user's negatives: [U, negatives] int64, distinct per user, none in the user's
         sequence. Raises ``ValueError`` naming a user for whom none can be found."""
         n = self.negatives
@@ -164,9 +170,15 @@ def sampled_sums(
             chunk = sequences[start : start + batch_size]
             batch = eval_batch(chunk, split, model.config.max_len)
             users = user_vectors(model, batch.inputs)
-            negatives = torch.from_numpy(sampler.draw(user_ids[start : start + batch_size], chunk, split))
-            ranks = sampled_ranks(users, model.item_embeddings.weight, batch.answers.to(users.device),
-                                  negatives.to(users.device))
+            negatives = torch.from_numpy(
+                sampler.draw(user_ids[start : start + batch_size], chunk, split)
+            )
+            ranks = sampled_ranks(
+                users,
+                model.item_embeddings.weight,
+                batch.answers.to(users.device),
+                negatives.to(users.device),
+            )
             for name, value in metric_sums(ranks, ks).items():
                 totals[f"{prefix}/{name}"] = totals.get(f"{prefix}/{name}", 0.0) + value
     finally:

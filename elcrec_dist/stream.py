@@ -142,7 +142,9 @@ def window_order(rows: int, *, seed: int, epoch: int, rank: int, window: int) ->
     return np.random.default_rng([_SEED_WINDOW, seed, epoch, rank, window]).permutation(rows)
 
 
-def cut(units: Sequence[RowGroup], order: Sequence[int] | np.ndarray, *, rank: int, world: int) -> tuple[Piece, ...]:
+def cut(
+    units: Sequence[RowGroup], order: Sequence[int] | np.ndarray, *, rank: int, world: int
+) -> tuple[Piece, ...]:
     """Rank ``rank``'s part of the units laid end to end in ``order``.
 
     The stream of U rows is cut at ``r·U // world``: parts differ by at most one row, and a
@@ -185,9 +187,13 @@ def train_plan(
     return TrainPlan(pieces=pieces, window_groups=window_groups, steps=steps)
 
 
-def eval_plan(units: Sequence[RowGroup], *, rank: int, world: int, window_groups: int = WINDOW_GROUPS) -> RankPlan:
+def eval_plan(
+    units: Sequence[RowGroup], *, rank: int, world: int, window_groups: int = WINDOW_GROUPS
+) -> RankPlan:
     """Rank ``rank``'s evaluation share: units in manifest order, cut into equal parts."""
-    return RankPlan(pieces=cut(units, range(len(units)), rank=rank, world=world), window_groups=window_groups)
+    return RankPlan(
+        pieces=cut(units, range(len(units)), rank=rank, world=world), window_groups=window_groups
+    )
 
 
 def sample_positions(units: Sequence[RowGroup], *, count: int, seed: int) -> dict[int, np.ndarray]:
@@ -294,7 +300,9 @@ class _Prefetcher:
     exception in ``load`` is raised in the consumer by the ``get()`` that would have returned it.
     """
 
-    def __init__(self, load: Callable[[int], Any], indices: Sequence[int], *, ahead: int, stats: StreamStats) -> None:
+    def __init__(
+        self, load: Callable[[int], Any], indices: Sequence[int], *, ahead: int, stats: StreamStats
+    ) -> None:
         self._load, self._indices, self._stats = load, list(indices), stats
         self._slots = threading.Semaphore(1 + ahead)
         self._results: queue.Queue[tuple[bool, Any]] = queue.Queue()
@@ -362,7 +370,9 @@ class StreamingDataset:
         prefetch: int = PREFETCH_WINDOWS,
     ) -> None:
         if window_groups < 1 or prefetch < 0:
-            raise ValueError(f"window_groups must be >= 1 and prefetch >= 0, got {window_groups}, {prefetch}")
+            raise ValueError(
+                f"window_groups must be >= 1 and prefetch >= 0, got {window_groups}, {prefetch}"
+            )
         self.url = url
         self.info = info
         self.units: tuple[RowGroup, ...] = tuple(units)
@@ -373,7 +383,9 @@ class StreamingDataset:
         self._fs, self._root = _fs_and_root(url)
 
     @classmethod
-    def open(cls, url: str, *, window_groups: int = WINDOW_GROUPS, prefetch: int = PREFETCH_WINDOWS) -> StreamingDataset:
+    def open(
+        cls, url: str, *, window_groups: int = WINDOW_GROUPS, prefetch: int = PREFETCH_WINDOWS
+    ) -> StreamingDataset:
         """Read the manifest at ``url`` and list the row groups of every file it names.
 
         Raises ``DatasetError`` (naming the file) when a file is missing, its size or its row
@@ -423,7 +435,9 @@ class StreamingDataset:
         """Optimizer steps per epoch for a global batch of ``batch_size`` users (any world)."""
         return steps_per_epoch(self.num_users, batch_size)
 
-    def train_plan(self, *, epoch: int, rank: int, world: int, batch_size: int, seed: int) -> TrainPlan:
+    def train_plan(
+        self, *, epoch: int, rank: int, world: int, batch_size: int, seed: int
+    ) -> TrainPlan:
         return train_plan(
             self.units, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
             window_groups=self.window_groups,
@@ -443,7 +457,9 @@ class StreamingDataset:
         ``steps_per_epoch(batch_size)`` batches (fewer when resuming); starting at ``start_step``
         yields exactly the batches an uninterrupted epoch yields from that step on.
         """
-        plan = self.train_plan(epoch=epoch, rank=rank, world=world, batch_size=batch_size, seed=seed)
+        plan = self.train_plan(
+            epoch=epoch, rank=rank, world=world, batch_size=batch_size, seed=seed
+        )
         if not 0 <= start_step <= plan.steps:
             raise ValueError(f"start_step {start_step} is outside the epoch's {plan.steps} steps")
         spans = [plan.step_bounds(s) for s in range(start_step, plan.steps)]
@@ -457,7 +473,9 @@ class StreamingDataset:
         finally:
             batches.close()
 
-    def eval_sequences(self, *, rank: int, world: int, batch_size: int = 1024) -> Iterator[UserRows]:
+    def eval_sequences(
+        self, *, rank: int, world: int, batch_size: int = 1024
+    ) -> Iterator[UserRows]:
         """This rank's evaluation share in chunks of ``batch_size`` users (the last may be smaller).
 
         The shares of ranks ``0..world-1`` are disjoint and together hold every user once.
@@ -517,7 +535,9 @@ class StreamingDataset:
                 block.order = shuffle(w, block.rows)
             return block
 
-        with _Prefetcher(load, range(first, len(windows)), ahead=self.prefetch, stats=self.stats) as ahead:
+        with _Prefetcher(
+            load, range(first, len(windows)), ahead=self.prefetch, stats=self.stats
+        ) as ahead:
             w, block = first, ahead.get()
             for lo, hi in spans:
                 ids: list[np.ndarray] = []
@@ -543,7 +563,10 @@ class StreamingDataset:
         table = self._read_row_group(unit)
         self.stats.count_read(table.num_rows)
         if table.num_rows != unit.rows:
-            raise DatasetError(f"{path}: row group {unit.index} has {table.num_rows} rows, its footer says {unit.rows}")
+            raise DatasetError(
+                f"{path}: row group {unit.index} has {table.num_rows} rows, "
+                f"its footer says {unit.rows}"
+            )
         table = table.slice(piece.start, piece.rows)
         items = table.column("items")
         lengths = pc.list_value_length(items)
@@ -555,7 +578,8 @@ class StreamingDataset:
         if len(short):
             i = int(short[0])
             raise DatasetError(
-                f"{path}: row group {unit.index}: user {int(user_ids[i])} has {int(lens[i])} items; "
+                f"{path}: row group {unit.index}: "
+                f"user {int(user_ids[i])} has {int(lens[i])} items; "
                 f"at least {MIN_ITEMS} are needed (train, valid and test targets)"
             )
         values = pc.list_flatten(items).to_numpy().astype(np.int64)
@@ -600,5 +624,7 @@ def _read_footer(fs: fsspec.AbstractFileSystem, path: str, entry: FileEntry) -> 
         and pa.types.is_list(schema.field("items").type)
         and pa.types.is_int32(schema.field("items").type.value_type)
     ):
-        raise DatasetError(f"{path}: columns are {schema}, expected user_id int64 and items list<int32>")
+        raise DatasetError(
+            f"{path}: columns are {schema}, expected user_id int64 and items list<int32>"
+        )
     return meta

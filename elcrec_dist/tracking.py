@@ -57,7 +57,9 @@ def projector_points(model: ELCRec, idmaps: IdMaps, *, max_items: int = PROJECTO
     count = min(model.num_items, max_items)
     items = model.item_embeddings.weight[1 : count + 1].detach().float().cpu()
     centres = model.cluster_centers.detach().float().cpu()
-    labels = [[str(o), "item"] for o in idmaps.items(torch.arange(1, count + 1).numpy()).to_pylist()]
+    labels = [
+        [str(o), "item"] for o in idmaps.items(torch.arange(1, count + 1).numpy()).to_pylist()
+    ]
     labels += [[f"intent {c}", "intent"] for c in range(centres.shape[0])]
     return torch.cat([items, centres]), labels
 

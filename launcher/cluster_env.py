@@ -59,7 +59,13 @@ SOURCES = ("indexed-job", "pytorchjob", "volcano")
 # Variables whose presence says which scheduler started the pod.
 _MARKERS: dict[str, tuple[str, ...]] = {
     "indexed-job": ("JOB_COMPLETION_INDEX",),
-    "pytorchjob": ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_NPROC_PER_NODE"),
+    "pytorchjob": (
+        "PET_NNODES",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+        "PET_NPROC_PER_NODE",
+    ),
     "volcano": ("VK_TASK_INDEX", "VC_TASK_INDEX"),
 }
 _T = TypeVar("_T")
@@ -120,7 +126,9 @@ def cuda_device_count() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def detect(env: Mapping[str, str], *, device_count: Callable[[], int] = cuda_device_count) -> ClusterSpec:
+def detect(
+    env: Mapping[str, str], *, device_count: Callable[[], int] = cuda_device_count
+) -> ClusterSpec:
     """Read the pod's :class:`ClusterSpec` from ``env`` (normally ``os.environ``)."""
     source = _choose_source(env)
     if source == "indexed-job":
@@ -193,7 +201,8 @@ def wait_for_master(spec: ClusterSpec, *, timeout_s: float, interval_s: float = 
         except OSError as exc:
             if time.monotonic() >= deadline:
                 raise MasterUnreachable(
-                    f"master address {spec.master_addr!r} did not resolve within {timeout_s:g} s: {exc}"
+                    f"master address {spec.master_addr!r} did not resolve within "
+                    f"{timeout_s:g} s: {exc}"
                 ) from exc
         time.sleep(interval_s)
 
@@ -204,7 +213,9 @@ def _choose_source(env: Mapping[str, str]) -> str:
     forced = env.get("ELCREC_CLUSTER_ENV", "").strip()
     if forced:
         if forced not in SOURCES:
-            raise ClusterEnvError(f"ELCREC_CLUSTER_ENV={forced!r}: expected one of {', '.join(SOURCES)}")
+            raise ClusterEnvError(
+                f"ELCREC_CLUSTER_ENV={forced!r}: expected one of {', '.join(SOURCES)}"
+            )
         return forced
     found = {src: [v for v in names if v in env] for src, names in _MARKERS.items()}
     found = {src: names for src, names in found.items() if names}
@@ -216,13 +227,15 @@ def _choose_source(env: Mapping[str, str]) -> str:
     if len(found) > 1:
         listing = "; ".join(f"{src}: {', '.join(names)}" for src, names in found.items())
         raise ClusterEnvError(
-            f"contradictory cluster environment, variables of several schedulers are set ({listing}); "
+            "contradictory cluster environment, variables of several schedulers are set "
+            f"({listing}); "
             "set ELCREC_CLUSTER_ENV to the one that started this pod"
         )
     return next(iter(found))
 
 
-_Mapped = tuple[int, int, str, int, int | None]  # node rank, nodes, master, port, procs (None: not said)
+# node rank, nodes, master, port, procs (None: not said)
+_Mapped = tuple[int, int, str, int, int | None]
 
 
 def _indexed_job(env: Mapping[str, str]) -> _Mapped:
@@ -231,7 +244,9 @@ def _indexed_job(env: Mapping[str, str]) -> _Mapped:
     master = env.get("ELCREC_MASTER_ADDR", "").strip()
     if not master:
         job = _req(env, "ELCREC_JOB_NAME", why="to name pod 0 (or set ELCREC_MASTER_ADDR)")
-        service = _req(env, "ELCREC_SERVICE_NAME", why="the headless Service (or set ELCREC_MASTER_ADDR)")
+        service = _req(
+            env, "ELCREC_SERVICE_NAME", why="the headless Service (or set ELCREC_MASTER_ADDR)"
+        )
         master = f"{job}-0.{service}"
     port = _opt_int(env, "ELCREC_MASTER_PORT", minimum=1)
     return node_rank, num_nodes, master, port if port is not None else DEFAULT_MASTER_PORT, None
@@ -246,7 +261,8 @@ def _pytorchjob(env: Mapping[str, str]) -> _Mapped:
         nnodes_text = _req(env, nnodes_var, why="the PyTorchJob's node count: set PET_NNODES")
     if ":" in nnodes_text:
         raise ClusterEnvError(
-            f"{nnodes_var}={nnodes_text!r} is an elastic range; elastic PyTorchJobs are not supported "
+            f"{nnodes_var}={nnodes_text!r} is an elastic range; "
+            "elastic PyTorchJobs are not supported "
             "(drop elasticPolicy so the operator sets a fixed node count)"
         )
     num_nodes = _as_int(nnodes_var, nnodes_text, minimum=1)
@@ -270,10 +286,14 @@ def _check_pytorchjob_world_size(env: Mapping[str, str], num_nodes: int, procs: 
 
 
 def _volcano(env: Mapping[str, str]) -> _Mapped:
-    task_index = _agreeing_int(env, ("VK_TASK_INDEX", "VC_TASK_INDEX"), minimum=0, what="task index")
+    task_index = _agreeing_int(
+        env, ("VK_TASK_INDEX", "VC_TASK_INDEX"), minimum=0, what="task index"
+    )
     plugin_vars = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR") if name in env]
     if plugin_vars:  # the pytorch plugin: pod-level rank over the master and worker tasks
-        missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env]
+        missing = [
+            name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env
+        ]
         if missing:
             raise ClusterEnvError(
                 f"incomplete Volcano pytorch-plugin environment: {', '.join(plugin_vars)} set but "
@@ -291,9 +311,18 @@ def _volcano(env: Mapping[str, str]) -> _Mapped:
     num_var = hosts_var[: -len("_HOSTS")] + "_NUM"
     listed = _opt_int(env, num_var, minimum=1)
     if listed is not None and listed != len(hosts):
-        raise ClusterEnvError(f"contradictory Volcano environment: {num_var}={listed} but {hosts_var} lists {len(hosts)} hosts")
+        raise ClusterEnvError(
+            f"contradictory Volcano environment: {num_var}={listed} "
+            f"but {hosts_var} lists {len(hosts)} hosts"
+        )
     svc_port = _opt_int(env, "ELCREC_MASTER_PORT", minimum=1)
-    return task_index, len(hosts), hosts[0], svc_port if svc_port is not None else DEFAULT_MASTER_PORT, None
+    return (
+        task_index,
+        len(hosts),
+        hosts[0],
+        svc_port if svc_port is not None else DEFAULT_MASTER_PORT,
+        None,
+    )
 
 
 def _volcano_hosts_var(env: Mapping[str, str]) -> str:
@@ -301,7 +330,9 @@ def _volcano_hosts_var(env: Mapping[str, str]) -> str:
     if task:
         name = f"VC_{task.upper().replace('-', '_')}_HOSTS"
         if name not in env:
-            raise ClusterEnvError(f"ELCREC_VOLCANO_TASK={task!r} but {name} is not set (is the svc plugin enabled?)")
+            raise ClusterEnvError(
+                f"ELCREC_VOLCANO_TASK={task!r} but {name} is not set (is the svc plugin enabled?)"
+            )
         return name
     candidates = sorted(name for name in env if _VOLCANO_HOSTS.match(name))
     if not candidates:
@@ -345,8 +376,14 @@ def _opt_int(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
     return _as_int(name, text, minimum=minimum) if text else None
 
 
-def _agreeing_int(env: Mapping[str, str], names: tuple[str, ...], *, minimum: int, what: str) -> int:
-    values = {name: _as_int(name, env[name], minimum=minimum) for name in names if env.get(name, "").strip()}
+def _agreeing_int(
+    env: Mapping[str, str], names: tuple[str, ...], *, minimum: int, what: str
+) -> int:
+    values = {
+        name: _as_int(name, env[name], minimum=minimum)
+        for name in names
+        if env.get(name, "").strip()
+    }
     return _agree(values, names, what)
 
 

@@ -13,12 +13,20 @@ from elcrec_dist.errors import EXIT_BUG, EXIT_OK, failure_of
 
 def config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     parser.add_argument(
-        "--config", required=config_required, action="append",
-        help="experiment YAML (see configs/); repeat to layer files, e.g. a dataset config then configs/variants/sasrec.yaml",
+        "--config",
+        required=config_required,
+        action="append",
+        help="experiment YAML (see configs/); repeat to layer files, "
+        "e.g. a dataset config then configs/variants/sasrec.yaml",
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable; applied after the file)",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 "
+        "(repeatable; applied after the file)",
     )
     parser.add_argument("--data", help="prepared dataset folder or URL (overrides data.path)")
 

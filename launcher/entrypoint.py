@@ -43,7 +43,9 @@ from launcher.common import run_main
 DEFAULT_MODULE = "launcher.train"
 
 
-def launch_command(spec: ClusterSpec, *, hostfile: str, module: str, train_args: Sequence[str]) -> list[str]:
+def launch_command(
+    spec: ClusterSpec, *, hostfile: str, module: str, train_args: Sequence[str]
+) -> list[str]:
     """The DeepSpeed runner invocation for this node (``python -m deepspeed.launcher.runner`` is
     the ``deepspeed`` script without relying on PATH)."""
     return [
@@ -98,13 +100,21 @@ def run_node(spec: ClusterSpec, command: Sequence[str], *, env: Mapping[str, str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", default=DEFAULT_MODULE, help=f"training module run on every rank (default {DEFAULT_MODULE})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--module",
+        default=DEFAULT_MODULE,
+        help=f"training module run on every rank (default {DEFAULT_MODULE})",
+    )
     parser.add_argument("--master-wait-s", type=float, default=600.0,
                         help="how long to wait for the master's name to resolve (default 600)")
     parser.add_argument("--print-plan", action="store_true",
                         help="print this node's plan as JSON and exit without launching")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for the training module, after --")
+    parser.add_argument(
+        "train_args", nargs=argparse.REMAINDER, help="arguments for the training module, after --"
+    )
     args = parser.parse_args(argv)
     train_args = list(args.train_args)
     if train_args[:1] == ["--"]:
@@ -112,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     spec = detect(os.environ)
     if args.print_plan:
-        command = launch_command(spec, hostfile="HOSTFILE", module=args.module, train_args=train_args)
+        command = launch_command(
+            spec, hostfile="HOSTFILE", module=args.module, train_args=train_args
+        )
         print(json.dumps({**plan(spec, command), "hostfile": spec.hostfile()}, indent=2))
         return 0
     hostfile = Path(tempfile.mkdtemp(prefix="elcrec-node-")) / "hostfile"

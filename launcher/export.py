@@ -28,8 +28,12 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
     parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
-    parser.add_argument("--data", help="prepared dataset for the id maps (default: the model's data.path)")
-    parser.add_argument("--k", type=int, default=20, help="items the top-K scorer returns (default 20)")
+    parser.add_argument(
+        "--data", help="prepared dataset for the id maps (default: the model's data.path)"
+    )
+    parser.add_argument(
+        "--k", type=int, default=20, help="items the top-K scorer returns (default 20)"
+    )
     args = parser.parse_args()
     setup_console(main=True)
 

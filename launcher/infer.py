@@ -36,7 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
-    parser.add_argument("--data", help="prepared dataset folder or URL (default: the model's data.path)")
+    parser.add_argument(
+        "--data", help="prepared dataset folder or URL (default: the model's data.path)"
+    )
     parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
     parser.add_argument("--k", type=int, default=20, help="items per user (default 20)")
     parser.add_argument("--keep-history", action="store_true",
@@ -58,7 +60,9 @@ def main() -> int:
         k=args.k, keep_history=args.keep_history, split=args.split, shard_users=args.shard_users,
         batch_size=trained.config.eval.batch_size, tile_items=trained.config.eval.tile_items,
     )
-    out = OutputFolder(args.output, kind=FORMAT, request=inference_request(trained, data.info, settings))
+    out = OutputFolder(
+        args.output, kind=FORMAT, request=inference_request(trained, data.info, settings)
+    )
     device = dist_utils.init(local_rank=args.local_rank)
     try:
         setup_console(main=dist_utils.is_main())

@@ -27,7 +27,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
-    parser.add_argument("--data", help="prepared dataset folder or URL (default: the model's data.path)")
+    parser.add_argument(
+        "--data", help="prepared dataset folder or URL (default: the model's data.path)"
+    )
     parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
     args = parser.parse_args()
     setup_console(main=True)
@@ -39,7 +41,9 @@ def main() -> int:
     data = StreamingDataset.open(url)
     check_catalogue(trained, data.info, data=url)
     idmaps = IdMaps.open(url, data.info)
-    out = OutputFolder(args.output, kind=FORMAT, request=report_request(trained, data.info.fingerprint()))
+    out = OutputFolder(
+        args.output, kind=FORMAT, request=report_request(trained, data.info.fingerprint())
+    )
     if out.claim():
         print_json_line({"output": args.output, "already_complete": True})
         return 0

@@ -20,13 +20,21 @@ from launcher.common import config_arguments, print_json_line, run_main
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     config_arguments(parser)
-    parser.add_argument("--run-dir",
-                        help="run folder: a local path or s3://BUCKET/PATH (overrides train.run_dir)")
     parser.add_argument(
-        "--resume", nargs="?", const="required", choices=("required", "auto"), default=None,
-        help="continue from the newest complete checkpoint in the run folder: an error if there is none, "
+        "--run-dir", help="run folder: a local path or s3://BUCKET/PATH (overrides train.run_dir)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="required",
+        choices=("required", "auto"),
+        default=None,
+        help="continue from the newest complete checkpoint in the run folder: "
+        "an error if there is none, "
         "or, with --resume auto, start afresh then (what a retried Kubernetes pod wants)",
     )
     parser.add_argument(
@@ -35,7 +43,8 @@ def main() -> int:
         "items matched by original id through both builds' id maps, the encoder and centres "
         "carried over, a fresh optimizer; unlike --resume, a new run (train.init_from)",
     )
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    # set by the deepspeed launcher
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     overrides = list(args.overrides)
@@ -57,7 +66,8 @@ def main() -> int:
     from elcrec_dist.trainer import train
     from elcrec_dist.trainer.warmstart import check_init_from
 
-    data = StreamingDataset.open(config.data.path)  # manifest and footers: fails before any process group exists
+    # manifest and footers: fails before any process group exists
+    data = StreamingDataset.open(config.data.path)
     check_init_from(config, data.info, data.url)  # a model or build a warm start cannot use: exit 2
     device = dist_utils.init(local_rank=args.local_rank,
                              timeout_s=config.train.collective_timeout_s)

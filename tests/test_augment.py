@@ -122,15 +122,26 @@ def test_batched_properties_on_mixed_lengths(
             check(seq, real_items(out), ratio)
 
 
-def crop_start_counts(seq: list[int], config: AugmentConfig, *, draws: int, seed: int) -> tuple[Counter[int], Counter[int]]:
-    """How often each crop start occurs in ``draws`` crops of ``seq``: (batched path, naive reference)."""
+def crop_start_counts(
+    seq: list[int], config: AugmentConfig, *, draws: int, seed: int
+) -> tuple[Counter[int], Counter[int]]:
+    """How often each crop start occurs in ``draws`` crops of ``seq``: (batched path, naive
+    reference)."""
     inputs, lengths = left_padded([seq] * (draws // 2))
-    views = two_views(inputs, lengths, config, max_len=len(seq), generator=torch.Generator().manual_seed(seed))
+    views = two_views(
+        inputs, lengths, config, max_len=len(seq), generator=torch.Generator().manual_seed(seed)
+    )
     batched = Counter(check_crop(seq, real_items(v), config.crop_ratio) for v in views)
     rng = random.Random(seed)
     reference = config.window_starts == "reference"
-    naive = Counter(check_crop(seq, naive_crop(seq, config.crop_ratio, rng, reference_starts=reference), config.crop_ratio)
-                    for _ in range(draws))
+    naive = Counter(
+        check_crop(
+            seq,
+            naive_crop(seq, config.crop_ratio, rng, reference_starts=reference),
+            config.crop_ratio,
+        )
+        for _ in range(draws)
+    )
     return batched, naive
 
 
@@ -325,20 +336,32 @@ def test_reference_one_item_crops_come_from_any_position() -> None:
     batched, naive = crop_start_counts(seq, REFERENCE_CROP, draws=draws, seed=12)
     for counts in (batched, naive):
         assert sorted(counts) == [0, 1, 2, 3]
-        assert all(abs(c - draws / 4) < 5 * math.sqrt(draws * 3 / 16) for c in counts.values()), counts
+        assert all(abs(c - draws / 4) < 5 * math.sqrt(draws * 3 / 16) for c in counts.values()), (
+            counts
+        )
 
 
 def test_reference_reorder_never_swaps_the_newest_pair() -> None:
     seq = list(range(1, 11))  # width 2: the reference swaps one of the pairs (0,1) .. (7,8)
     draws = 2_000
     inputs, lengths = left_padded([seq] * (draws // 2))
-    views = two_views(inputs, lengths, REFERENCE_REORDER, max_len=10, generator=torch.Generator().manual_seed(13))
+    views = two_views(
+        inputs, lengths, REFERENCE_REORDER, max_len=10, generator=torch.Generator().manual_seed(13)
+    )
     changed = views.ne(inputs.repeat(2, 1))
     swaps = Counter(tuple(row.nonzero().flatten().tolist()) for row in changed)
     assert set(swaps) == {()} | {(i, i + 1) for i in range(8)}
     rng = random.Random(13)
-    naive = {tuple(i for i, (a, b) in enumerate(zip(seq, naive_reorder(seq, 0.2, rng, reference_starts=True), strict=True)) if a != b)
-             for _ in range(draws)}
+    naive = {
+        tuple(
+            i
+            for i, (a, b) in enumerate(
+                zip(seq, naive_reorder(seq, 0.2, rng, reference_starts=True), strict=True)
+            )
+            if a != b
+        )
+        for _ in range(draws)
+    }
     assert naive == {()} | {(i, i + 1) for i in range(8)}
 
 
@@ -346,7 +369,9 @@ def test_reference_windows_as_long_as_the_input_still_have_their_one_start() -> 
     seq = [3, 1, 2]
     config = AugmentConfig(crop_ratio=1.0, methods=("crop",), window_starts="reference")
     inputs, lengths = left_padded([seq] * 50)
-    views = two_views(inputs, lengths, config, max_len=3, generator=torch.Generator().manual_seed(14))
+    views = two_views(
+        inputs, lengths, config, max_len=3, generator=torch.Generator().manual_seed(14)
+    )
     assert views.tolist() == [seq] * 100
     assert naive_crop(seq, 1.0, random.Random(0), reference_starts=True) == seq
 
@@ -355,7 +380,21 @@ def test_window_starts_all_is_the_default() -> None:
     # the default is "all" (every start), and "reference" draws differently from the same stream
     rng = random.Random(15)
     inputs, lengths = left_padded(random_sequences(64, rng))
-    one = two_views(inputs, lengths, AugmentConfig(), max_len=12, generator=torch.Generator().manual_seed(15))
-    two = two_views(inputs, lengths, AugmentConfig(window_starts="all"), max_len=12, generator=torch.Generator().manual_seed(15))
-    other = two_views(inputs, lengths, AugmentConfig(window_starts="reference"), max_len=12, generator=torch.Generator().manual_seed(15))
+    one = two_views(
+        inputs, lengths, AugmentConfig(), max_len=12, generator=torch.Generator().manual_seed(15)
+    )
+    two = two_views(
+        inputs,
+        lengths,
+        AugmentConfig(window_starts="all"),
+        max_len=12,
+        generator=torch.Generator().manual_seed(15),
+    )
+    other = two_views(
+        inputs,
+        lengths,
+        AugmentConfig(window_starts="reference"),
+        max_len=12,
+        generator=torch.Generator().manual_seed(15),
+    )
     assert torch.equal(one, two) and not torch.equal(one, other)

@@ -21,9 +21,10 @@ def _config(*overrides: str) -> dict:
 
 def test_a_resume_may_change_only_where_how_long_and_how_often() -> None:
     stored = _config()
-    allowed = _config("train.epochs=7", "train.patience=3", "train.run_dir=elsewhere", "data.path=moved",
-                      "train.log_every=5", "train.checkpoint_every=9", "train.keep_checkpoints=4",
-                      "train.deterministic=false", "eval.batch_size=64", "eval.ks=[1,20]", "kmeans.batch_size=8", "name=x")
+    allowed = _config("train.epochs=7", "train.patience=3", "train.run_dir=elsewhere",
+                      "data.path=moved", "train.log_every=5", "train.checkpoint_every=9",
+                      "train.keep_checkpoints=4", "train.deterministic=false", "eval.batch_size=64",
+                      "eval.ks=[1,20]", "kmeans.batch_size=8", "name=x")
     assert ckpt.config_changes(stored, allowed) == ckpt.ConfigChanges({}, [], [])
     # tuples (betas, ks) come back from JSON as lists and still compare equal
     assert ckpt.config_changes(json.loads(json.dumps(stored)), stored).changed == {}
@@ -42,14 +43,22 @@ def test_a_resume_may_change_only_where_how_long_and_how_often() -> None:
         ("deepspeed.zero_stage=1", "deepspeed.zero_stage", 0, 1),
     ],
 )
-def test_a_resume_may_not_change_what_the_run_computes(override: str, key: str, before, after) -> None:
+def test_a_resume_may_not_change_what_the_run_computes(
+    override: str, key: str, before, after
+) -> None:
     stored = _config()
     changes = ckpt.config_changes(stored, _config(override))
     expected_before = before if before is not None else ckpt._flatten(stored)[key]
     assert changes.changed == {key: (expected_before, after)}
     record = {"config": stored}
     with pytest.raises(ckpt.CheckpointError, match=key.replace(".", r"\.")):
-        ckpt.check_resume(Path("run/checkpoints/step-00000001"), record, config=_config(override), dataset={}, world=1)
+        ckpt.check_resume(
+            Path("run/checkpoints/step-00000001"),
+            record,
+            config=_config(override),
+            dataset={},
+            world=1,
+        )
 
 
 def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
@@ -58,8 +67,13 @@ def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
     del stored["train"]["deterministic"], stored["loss"]["centre_gradient"]
     stored["train"]["retired_option"] = 1
     changes = ckpt.config_changes(stored, current)
-    assert changes == ckpt.ConfigChanges({}, ["loss.centre_gradient", "train.deterministic"], ["train.retired_option"])
-    assert ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}, world=1) == changes  # nothing refused
+    assert changes == ckpt.ConfigChanges(
+        {}, ["loss.centre_gradient", "train.deterministic"], ["train.retired_option"]
+    )
+    assert (
+        ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}, world=1)
+        == changes
+    )  # nothing refused
 
 
 def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
@@ -70,7 +84,11 @@ def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
         ckpt.commit(folder, state=ckpt.TrainState(), config={"train": {"lr": lr}})
     (root / ckpt.tag_of(30)).mkdir()  # a save that never committed
     found = ckpt.newest_record(tmp_path)
-    assert found is not None and found[0].name == ckpt.tag_of(20) and found[1]["config"] == {"train": {"lr": 0.2}}
+    assert (
+        found is not None
+        and found[0].name == ckpt.tag_of(20)
+        and found[1]["config"] == {"train": {"lr": 0.2}}
+    )
     assert "dataset" not in found[1]
     assert ckpt.newest_record(tmp_path / "nothing") is None
 
@@ -86,7 +104,8 @@ def test_the_dataset_fingerprint_follows_the_content_not_the_place(tmp_path: Pat
     moved = _prepared(tmp_path / "elsewhere", sequences)
     assert first.fingerprint() == moved.fingerprint()
     assert first.fingerprint()["num_interactions"] == 13
-    rebuilt = _prepared(tmp_path / "b", [[1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 4, 6, 9]])  # one item differs
+    # one item differs
+    rebuilt = _prepared(tmp_path / "b", [[1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 4, 6, 9]])
     assert rebuilt.fingerprint()["num_interactions"] == 13
     assert rebuilt.fingerprint()["files_sha256"] != first.fingerprint()["files_sha256"]
 
@@ -101,10 +120,21 @@ def test_a_resume_on_another_dataset_is_refused(tmp_path: Path) -> None:
     found = ckpt.newest_record(root)
     assert found is not None and found[1]["dataset"] == recorded
     ckpt.check_resume(*found, config=config, dataset=dict(recorded), world=1)  # the same data: fine
-    with pytest.raises(ckpt.CheckpointError, match=r"another dataset \(num_users: 3 in the checkpoint, 4 now; files_sha256: 'aa' in the checkpoint, 'bb' now\)"):
-        ckpt.check_resume(*found, config=config, dataset={**recorded, "num_users": 4, "files_sha256": "bb"}, world=1)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"another dataset \(num_users: 3 in the checkpoint, 4 now; "
+        r"files_sha256: 'aa' in the checkpoint, 'bb' now\)",
+    ):
+        ckpt.check_resume(
+            *found,
+            config=config,
+            dataset={**recorded, "num_users": 4, "files_sha256": "bb"},
+            world=1,
+        )
     # a checkpoint from before fingerprints were recorded is not checked
-    ckpt.check_resume(folder, {"config": config}, config=config, dataset={**recorded, "num_users": 4}, world=1)
+    ckpt.check_resume(
+        folder, {"config": config}, config=config, dataset={**recorded, "num_users": 4}, world=1
+    )
     # another number of ranks: each rank's shard of the data and of the optimizer state differs
     with pytest.raises(ckpt.CheckpointError, match="written by 1 ranks; this run has 2"):
         ckpt.check_resume(*found, config=config, dataset=dict(recorded), world=2)

@@ -22,29 +22,47 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_summary_by_hand() -> None:
     valid = [{"NDCG@20": 0.10}, {"NDCG@20": 0.30}, {"NDCG@20": 0.20}, {"NDCG@20": 0.30}]
-    test = [{"NDCG@20": 1.0, "HR@5": 4.0}, {"NDCG@20": 3.0, "HR@5": 2.0}, {"NDCG@20": 2.0, "HR@5": 2.0}, {"NDCG@20": 5.0, "HR@5": 0.0}]
+    test = [
+        {"NDCG@20": 1.0, "HR@5": 4.0},
+        {"NDCG@20": 3.0, "HR@5": 2.0},
+        {"NDCG@20": 2.0, "HR@5": 2.0},
+        {"NDCG@20": 5.0, "HR@5": 0.0},
+    ]
     out = sweep.sweep_summary(valid, test, select="NDCG@20")
     ndcg = out["NDCG@20"]
     assert ndcg["test_mean"] == pytest.approx(2.75)
-    assert ndcg["test_sd"] == pytest.approx(np.sqrt(((1 - 2.75) ** 2 + (3 - 2.75) ** 2 + (2 - 2.75) ** 2 + (5 - 2.75) ** 2) / 3))
+    assert ndcg["test_sd"] == pytest.approx(
+        np.sqrt(((1 - 2.75) ** 2 + (3 - 2.75) ** 2 + (2 - 2.75) ** 2 + (5 - 2.75) ** 2) / 3)
+    )
     assert (ndcg["test_min"], ndcg["test_max"]) == (1.0, 5.0)
     assert ndcg["test_at_valid_best"] == 3.0  # the first of the two equal valid bests
     assert out["HR@5"]["test_at_valid_best"] == 2.0
     # changes of valid (+0.2, -0.1, +0.1) against changes of test (+2, -1, +3)
     dv, dt = np.array([0.2, -0.1, 0.1]), np.array([2.0, -1.0, 3.0])
-    expected = ((dv - dv.mean()) * (dt - dt.mean())).sum() / np.sqrt(((dv - dv.mean()) ** 2).sum() * ((dt - dt.mean()) ** 2).sum())
+    expected = ((dv - dv.mean()) * (dt - dt.mean())).sum() / np.sqrt(
+        ((dv - dv.mean()) ** 2).sum() * ((dt - dt.mean()) ** 2).sum()
+    )
     assert ndcg["change_correlation"] == pytest.approx(expected)
 
 
 def _commit(run: Path, model: ELCRec, *, epoch: int, step_in_epoch: int, global_step: int) -> Path:
     folder = run / ckpt.CHECKPOINTS / ckpt.tag_of(global_step)
     folder.mkdir(parents=True)
-    torch.save({"module": {"model." + k: v for k, v in model.state_dict().items()}}, folder / ckpt.MODEL_STATES)
-    ckpt.commit(folder, state=ckpt.TrainState(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step), config={})
+    torch.save(
+        {"module": {"model." + k: v for k, v in model.state_dict().items()}},
+        folder / ckpt.MODEL_STATES,
+    )
+    ckpt.commit(
+        folder,
+        state=ckpt.TrainState(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step),
+        config={},
+    )
     return folder
 
 
-def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(tmp_path: Path, small_synthetic: Path) -> None:
+def test_every_complete_checkpoint_is_evaluated_and_incomplete_ones_skipped(
+    tmp_path: Path, small_synthetic: Path
+) -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
     from elcrec_dist.prepared import load_sequences
 

@@ -27,7 +27,9 @@ from elcrec_dist.model import ELCRec
 def naive_uniformity(centres: torch.Tensor) -> float:
     cs = [unit(c) for c in centres]
     k = len(cs)
-    total = sum(math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j)
+    total = sum(
+        math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j
+    )
     return math.log(total / (k * (k - 1)))
 
 
@@ -66,13 +68,17 @@ def naive_balanced_uniform(user_emb: torch.Tensor, centres: torch.Tensor) -> flo
     return pull / len(hs) + naive_uniformity(centres)
 
 
-def naive_pull_and_uniformity(user_emb: torch.Tensor, centres: torch.Tensor, q: list[list[float]]) -> float:
+def naive_pull_and_uniformity(
+    user_emb: torch.Tensor, centres: torch.Tensor, q: list[list[float]]
+) -> float:
     """Both alternatives with the assignment q [B][k] given and the centres used as they are (no
     normalisation): at unit rows, the function whose gradient the reference form passes on."""
     hs, cs = [unit(u) for u in user_emb], list(centres)
     pull = sum(q[i][j] * sq_dist(h, c) for i, h in enumerate(hs) for j, c in enumerate(cs))
     k = len(cs)
-    total = sum(math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j)
+    total = sum(
+        math.exp(-2.0 * sq_dist(cs[i], cs[j])) for i in range(k) for j in range(k) if i != j
+    )
     return pull / len(hs) + math.log(total / (k * (k - 1)))
 
 
@@ -94,7 +100,12 @@ def simulated_shards(x: torch.Tensor, c: torch.Tensor, loss, world: int) -> torc
     offset = 0
     for r, mine in enumerate(parts):
         def gather(t: torch.Tensor, r: int = r) -> torch.Tensor:
-            return torch.cat([t if i == r else torch.nn.functional.normalize(p, dim=-1).detach() for i, p in enumerate(parts)])
+            return torch.cat(
+                [
+                    t if i == r else torch.nn.functional.normalize(p, dim=-1).detach()
+                    for i, p in enumerate(parts)
+                ]
+            )
 
         shard = BatchShard(world=world, offset=offset, global_rows=x.shape[0], gather=gather)
         total = total + loss(mine, c, shard=shard)
@@ -109,13 +120,18 @@ def test_assigned_uniform_matches_loop() -> None:
 
 
 def test_balanced_assignment_matches_loop_and_balances() -> None:
-    scores = torch.nn.functional.normalize(randn(12, 5, seed=3), dim=-1) @ torch.nn.functional.normalize(randn(4, 5, seed=4), dim=-1).T
+    scores = (
+        torch.nn.functional.normalize(randn(12, 5, seed=3), dim=-1)
+        @ torch.nn.functional.normalize(randn(4, 5, seed=4), dim=-1).T
+    )
     got = balanced_assignment(scores, epsilon=0.05, iterations=3)
     want = torch.tensor(naive_sinkhorn(scores, 0.05, 3), dtype=torch.float64)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(got.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-12)  # rows: exact
+    # rows: exact
+    assert torch.allclose(got.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-12)
     many = balanced_assignment(scores, epsilon=0.05, iterations=500)
-    assert torch.allclose(many.sum(0), torch.full((4,), 12 / 4, dtype=torch.float64), atol=1e-6)  # equal shares
+    # equal shares
+    assert torch.allclose(many.sum(0), torch.full((4,), 12 / 4, dtype=torch.float64), atol=1e-6)
     hard = scores.argmax(1)
     assert torch.bincount(hard, minlength=4).max() > 3  # the plain nearest assignment is unbalanced
 
@@ -149,7 +165,9 @@ def test_alternatives_see_individual_centres_where_the_published_loss_sees_their
     user_emb = torch.nn.functional.normalize(randn(8, 6, seed=9), dim=-1)
     centres = torch.nn.functional.normalize(randn(5, 6, seed=10), dim=-1)
     rotated = centres @ rotation_fixing(centres.mean(0), angle=1.1, seed=11).T
-    assert cluster_loss(user_emb, rotated, pairs="all").item() == pytest.approx(cluster_loss(user_emb, centres, pairs="all").item(), abs=1e-12)
+    assert cluster_loss(user_emb, rotated, pairs="all").item() == pytest.approx(
+        cluster_loss(user_emb, centres, pairs="all").item(), abs=1e-12
+    )
     assert abs(loss(user_emb, rotated).item() - loss(user_emb, centres).item()) > 1e-3
 
 
@@ -158,7 +176,10 @@ def test_alternatives_take_the_configured_centre_gradient(form: str) -> None:
     """As for the published loss: "reference" passes the gradient of the loss at the raw unit rows
     (radial part included; central differences of a loop with the assignment held fixed, as the
     losses hold it), "tangent" that gradient less each row's radial part. Same value either way."""
-    loss = {"assigned_uniform": assigned_uniform_cluster_loss, "balanced_uniform": balanced_uniform_cluster_loss}[form]
+    loss = {
+        "assigned_uniform": assigned_uniform_cluster_loss,
+        "balanced_uniform": balanced_uniform_cluster_loss,
+    }[form]
     user_emb = randn(10, 5, seed=31) * 2.0
     unit_rows = torch.nn.functional.normalize(randn(4, 5, seed=32), dim=-1)
     q = naive_assignment(form, user_emb, unit_rows)
@@ -183,30 +204,44 @@ def test_alternatives_take_the_configured_centre_gradient(form: str) -> None:
         assert c.grad is not None
         grads[gradient], values[gradient] = c.grad, value.item()
     assert values["reference"] == pytest.approx(values["tangent"], abs=1e-12)
-    assert values["reference"] == pytest.approx(naive_pull_and_uniformity(user_emb, unit_rows, q), rel=1e-9)
+    assert values["reference"] == pytest.approx(
+        naive_pull_and_uniformity(user_emb, unit_rows, q), rel=1e-9
+    )
     assert torch.allclose(grads["reference"], expected, rtol=1e-6, atol=1e-8)
     assert torch.allclose(grads["tangent"], expected - radial * unit_rows, rtol=1e-6, atol=1e-8)
 
     # elcrec_terms passes loss.centre_gradient on to the alternative it selects.
     torch.manual_seed(0)
-    model = ELCRec(ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3), num_items=12).double()
+    model = ELCRec(
+        ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3),
+        num_items=12,
+    ).double()
     model.eval()
     g = torch.Generator().manual_seed(1)
-    batch = TrainBatch(torch.randint(0, 13, (4, 5), generator=g), torch.randint(1, 13, (4, 5), generator=g),
-                       torch.randint(1, 13, (4, 5), generator=g), torch.randint(0, 13, (8, 5), generator=g))
+    batch = TrainBatch(
+        torch.randint(0, 13, (4, 5), generator=g),
+        torch.randint(1, 13, (4, 5), generator=g),
+        torch.randint(1, 13, (4, 5), generator=g),
+        torch.randint(0, 13, (8, 5), generator=g),
+    )
     with torch.no_grad():
         model.cluster_centers.copy_(torch.nn.functional.normalize(model.cluster_centers, dim=-1))
     via_terms = {}
     for gradient in ("reference", "tangent"):
         model.zero_grad()
-        config = LossConfig(cluster_form=form, centre_gradient=gradient, seq_cl_weight=0.0, intent_cl_weight=0.0)  # type: ignore[arg-type]
+        config = LossConfig(
+            cluster_form=form, centre_gradient=gradient,  # type: ignore[arg-type]
+            seq_cl_weight=0.0, intent_cl_weight=0.0,
+        )
         elcrec_terms(model, batch, config)["cluster"].backward()
         assert model.cluster_centers.grad is not None
         via_terms[gradient] = model.cluster_centers.grad.clone()
     c = model.cluster_centers.detach()
     radial_terms = (via_terms["reference"] * c).sum(-1, keepdim=True)
     assert radial_terms.abs().max() > 1e-6
-    assert torch.allclose(via_terms["tangent"], via_terms["reference"] - radial_terms * c, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        via_terms["tangent"], via_terms["reference"] - radial_terms * c, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_fusion_none_contrasts_the_flattened_views() -> None:
@@ -214,20 +249,33 @@ def test_fusion_none_contrasts_the_flattened_views() -> None:
     flat = fuse_intents(view_hidden, centres, "none")
     assert torch.equal(flat, view_hidden.reshape(6, 12))
     got = seq_cl_loss(view_hidden, centres, fusion="none", temperature=1.0)
-    assert got.item() == pytest.approx(naive_nt_xent(view_hidden[:3].reshape(3, 12), view_hidden[3:].reshape(3, 12), 1.0), rel=1e-12)
+    assert got.item() == pytest.approx(
+        naive_nt_xent(view_hidden[:3].reshape(3, 12), view_hidden[3:].reshape(3, 12), 1.0),
+        rel=1e-12,
+    )
 
 
 @pytest.mark.parametrize("form", ["assigned_uniform", "balanced_uniform"])
 def test_elcrec_terms_use_the_configured_cluster_form(form: str) -> None:
     torch.manual_seed(0)
-    model = ELCRec(ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3), num_items=12).double()
+    model = ELCRec(
+        ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_len=5, num_clusters=3),
+        num_items=12,
+    ).double()
     g = torch.Generator().manual_seed(1)
     inputs = torch.randint(0, 13, (4, 5), generator=g)
-    batch = TrainBatch(inputs, torch.randint(1, 13, (4, 5), generator=g), torch.randint(1, 13, (4, 5), generator=g),
-                       torch.randint(0, 13, (8, 5), generator=g))
+    batch = TrainBatch(
+        inputs,
+        torch.randint(1, 13, (4, 5), generator=g),
+        torch.randint(1, 13, (4, 5), generator=g),
+        torch.randint(0, 13, (8, 5), generator=g),
+    )
     model.eval()
     terms = elcrec_terms(model, batch, LossConfig(cluster_form=form))  # type: ignore[arg-type]
-    direct = {"assigned_uniform": assigned_uniform_cluster_loss, "balanced_uniform": balanced_uniform_cluster_loss}[form]
+    direct = {
+        "assigned_uniform": assigned_uniform_cluster_loss,
+        "balanced_uniform": balanced_uniform_cluster_loss,
+    }[form]
     want = direct(model.pooled(model(inputs)), model.cluster_centers)
     assert terms["cluster"].item() == pytest.approx(want.item(), rel=1e-12)
 
@@ -235,8 +283,12 @@ def test_elcrec_terms_use_the_configured_cluster_form(form: str) -> None:
 def test_config_rules_for_the_new_options() -> None:
     with pytest.raises(ConfigError, match=r"model\.intents=epoch_kmeans.*loss\.cluster_weight"):
         config_from_dict({"model": {"intents": "epoch_kmeans"}, "loss": {"cluster_weight": 1.0}})
-    with pytest.raises(ConfigError, match=r"cluster_form=balanced_uniform needs model\.num_clusters >= 2"):
-        config_from_dict({"model": {"num_clusters": 1}, "loss": {"cluster_form": "balanced_uniform"}})
+    with pytest.raises(
+        ConfigError, match=r"cluster_form=balanced_uniform needs model\.num_clusters >= 2"
+    ):
+        config_from_dict(
+            {"model": {"num_clusters": 1}, "loss": {"cluster_form": "balanced_uniform"}}
+        )
     with pytest.raises(ConfigError, match=r"loss\.cluster_form"):
         config_from_dict({"loss": {"cluster_form": "soft"}})
     assert config_from_dict({"loss": {"fusion": "none"}}).loss.fusion == "none"

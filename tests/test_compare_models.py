@@ -38,7 +38,9 @@ def test_paired_bootstrap_equals_a_naive_loop() -> None:
     users, metrics, resamples = 37, 3, 25
     first = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
     other = np.array([[rng.random() for _ in range(metrics)] for _ in range(users)])
-    means_a, means_b = cm.paired_bootstrap(first, other, cm.resample_counts(users, resamples, seed=7))
+    means_a, means_b = cm.paired_bootstrap(
+        first, other, cm.resample_counts(users, resamples, seed=7)
+    )
     assert means_a.shape == means_b.shape == (resamples, metrics)
     draws = np.random.default_rng(7)  # resample r = the r-th draw of `users` indices
     for r in range(resamples):
@@ -76,7 +78,9 @@ def _ranks_by_loop(model: ELCRec, sequences, split: str) -> list[int]:
     return ranks
 
 
-def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_synthetic: Path) -> None:
+def test_ranks_and_the_entry_point_on_two_saved_models(
+    tmp_path: Path, small_synthetic: Path
+) -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
     from elcrec_dist.prepared import load_sequences
 
@@ -85,9 +89,13 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_syn
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = ELCRec(config.model, num_items=info.num_items).eval()
-        assert cm.user_ranks(model, sequences, split="test", batch_size=16).tolist() == _ranks_by_loop(model, sequences, "test")
+        assert cm.user_ranks(
+            model, sequences, split="test", batch_size=16
+        ).tolist() == _ranks_by_loop(model, sequences, "test")
         paths.append(tmp_path / f"m{seed}.pt")
-        save_model(paths[-1], state=model.state_dict(), config=config.to_dict(), meta={"seed": seed})
+        save_model(
+            paths[-1], state=model.state_dict(), config=config.to_dict(), meta={"seed": seed}
+        )
 
     out = subprocess.run(
         [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
@@ -98,8 +106,10 @@ def test_ranks_and_the_entry_point_on_two_saved_models(tmp_path: Path, small_syn
     report = json.loads(out.stdout.strip().splitlines()[-1])
     evaluated = []
     for path in paths:
-        res = subprocess.run([sys.executable, "launcher/evaluate.py", "--config", "configs/demo.yaml", "--data",
-                              str(small_synthetic), "--checkpoint", str(path), "--split", "valid"],
+        res = subprocess.run([sys.executable, "launcher/evaluate.py",
+                              "--config", "configs/demo.yaml",
+                              "--data", str(small_synthetic), "--checkpoint", str(path),
+                              "--split", "valid"],
                              check=True, cwd=REPO, capture_output=True, text=True)
         evaluated.append(json.loads(res.stdout.strip().splitlines()[-1]))
     for name, expected in zip(("one", "two"), evaluated, strict=True):
@@ -127,7 +137,10 @@ def test_checkpoint_folders_are_model_sources_only_when_complete(tmp_path: Path)
     model = ELCRec(config.model, num_items=30)
     folder = tmp_path / "step-00000007"
     folder.mkdir()
-    torch.save({"module": {"model." + k: v for k, v in model.state_dict().items()}}, folder / ckpt.MODEL_STATES)
+    torch.save(
+        {"module": {"model." + k: v for k, v in model.state_dict().items()}},
+        folder / ckpt.MODEL_STATES,
+    )
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.load_model_weights(folder)  # no manifest yet
     ckpt.commit(folder, state=ckpt.TrainState(), config={})

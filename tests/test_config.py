@@ -291,4 +291,6 @@ def test_bf16_without_zero_is_refused() -> None:
     # stage 0 keeps bf16 master weights where the centre re-projection cannot reach them
     with pytest.raises(ConfigError, match=r"deepspeed\.bf16 needs deepspeed\.zero_stage 1 or 2"):
         load_config(None, ["deepspeed.bf16=true"])
-    assert load_config(None, ["deepspeed.bf16=true", "deepspeed.zero_stage=1"]).deepspeed.bf16 is True
+    assert (
+        load_config(None, ["deepspeed.bf16=true", "deepspeed.zero_stage=1"]).deepspeed.bf16 is True
+    )

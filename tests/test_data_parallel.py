@@ -22,7 +22,9 @@ def _launch(out: Path, ranks: int, *, steps: int = 1, overrides: Sequence[str] =
     cmd, port = deepspeed_command(WORKER, "--out", str(out), "--steps", str(steps), ranks=ranks)
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=deepspeed_env())
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=deepspeed_env()
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # DeepSpeed's shared-memory all-reduce op (never unlinked) is not built: nothing left behind
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
@@ -35,8 +37,14 @@ def one_rank_step(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _launch(tmp_path_factory.mktemp("w1"), 1, overrides=NO_DROPOUT)[0]
 
 
-@pytest.mark.parametrize("engine", [[], ["deepspeed.zero_stage=1"], ["deepspeed.zero_stage=2"]], ids=["zero0", "zero1", "zero2"])
-def test_two_ranks_of_128_equal_one_rank_of_256(one_rank_step: dict, tmp_path: Path, engine: list[str]) -> None:
+@pytest.mark.parametrize(
+    "engine",
+    [[], ["deepspeed.zero_stage=1"], ["deepspeed.zero_stage=2"]],
+    ids=["zero0", "zero1", "zero2"],
+)
+def test_two_ranks_of_128_equal_one_rank_of_256(
+    one_rank_step: dict, tmp_path: Path, engine: list[str]
+) -> None:
     two = _launch(tmp_path, 2, overrides=[*NO_DROPOUT, *engine])
     single_loss = one_rank_step["losses"][0]
     for rank in two:
@@ -60,7 +68,9 @@ def test_two_ranks_of_128_equal_one_rank_of_256(one_rank_step: dict, tmp_path: P
         assert torch.equal(two[0]["master_centres"], centres)
 
 
-def test_local_negatives_switch_changes_the_contrastive_terms_only(one_rank_step: dict, tmp_path: Path) -> None:
+def test_local_negatives_switch_changes_the_contrastive_terms_only(
+    one_rank_step: dict, tmp_path: Path
+) -> None:
     local = _launch(tmp_path, 2, overrides=[*NO_DROPOUT, "loss.negatives=local"])[0]["losses"][0]
     glob = one_rank_step["losses"][0]
     assert local["loss/next_item"] == pytest.approx(glob["loss/next_item"], rel=1e-5)
@@ -70,16 +80,23 @@ def test_local_negatives_switch_changes_the_contrastive_terms_only(one_rank_step
     assert local["loss/intent_cl"] < glob["loss/intent_cl"] - 0.05
 
 
-@pytest.mark.parametrize("engine", [[], ["deepspeed.zero_stage=2"], ["deepspeed.zero_stage=1", "deepspeed.bf16=true"]], ids=["zero0", "zero2", "zero1-bf16"])
+@pytest.mark.parametrize(
+    "engine",
+    [[], ["deepspeed.zero_stage=2"], ["deepspeed.zero_stage=1", "deepspeed.bf16=true"]],
+    ids=["zero0", "zero2", "zero1-bf16"],
+)
 def test_twenty_steps_keep_ranks_bitwise_identical(tmp_path: Path, engine: list[str]) -> None:
-    ranks = _launch(tmp_path, 2, steps=20, overrides=engine)  # dropout on: ranks see different masks
+    # dropout on: ranks see different masks
+    ranks = _launch(tmp_path, 2, steps=20, overrides=engine)
     a, b = ranks[0]["state"], ranks[1]["state"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert ranks[0]["losses"] == ranks[1]["losses"]
     centres = a["cluster_centers"]
     bf16 = "deepspeed.bf16=true" in engine
-    assert torch.allclose(centres.norm(dim=1), torch.ones(centres.shape[0]), atol=1e-2 if bf16 else 1e-6)
+    assert torch.allclose(
+        centres.norm(dim=1), torch.ones(centres.shape[0]), atol=1e-2 if bf16 else 1e-6
+    )
     if "master_centres" in ranks[0]:
         # the optimizer's fp32 master copy holds the projected centres (unit norm in fp32),
         # and the working copy is that value (rounded to bf16 under bf16)

@@ -48,7 +48,8 @@ def test_one_user_rank_by_hand() -> None:
 
 def test_batch_of_users_is_ranked_row_by_row() -> None:
     scores = torch.tensor([SCORES, SCORES[::-1]])
-    # row 1 reversed: pad=0.2, 1:0.9, 2:0.3, 3:0.5, 4:0.1, 5:0.0; answer 2 (0.3): items 1, 3 above -> 2
+    # row 1 reversed: pad=0.2, 1:0.9, 2:0.3, 3:0.5, 4:0.1, 5:0.0; answer 2 (0.3): items 1, 3 above
+    # -> 2
     ranks = answer_ranks(scores, torch.tensor([4, 2]), torch.zeros(2, 1, dtype=torch.int64))
     assert ranks.tolist() == [0, 2]
     assert ranks.dtype == torch.int64
@@ -154,7 +155,8 @@ def test_sums_of_shards_equal_the_sum_of_the_whole() -> None:
 
 
 def own_rank(scores: list[float], answer: int, history: list[int]) -> int:
-    """Independent statement of the rule: other candidates 1..N not in history, score >= answer's."""
+    """Independent statement of the rule: other candidates 1..N not in history, score >=
+    answer's."""
     return sum(
         1
         for item in range(1, len(scores))

@@ -98,7 +98,10 @@ def _assert_equal_runs(a: dict, b: dict) -> None:
     assert a["adam"].keys() == b["adam"].keys() and len(a["adam"]) > 0
     for name, state in a["adam"].items():
         for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["adam"][name][key])), (name, key)
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["adam"][name][key])), (
+                name,
+                key,
+            )
     assert a["losses"] == b["losses"]
 
 

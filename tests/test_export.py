@@ -120,8 +120,9 @@ def test_export_refuses_a_busy_folder_and_another_catalogue(small_export: tuple[
     assert not (tmp_path / "never").exists()
 
 
-def test_exports_score_beauty_users_like_the_published_model(beauty_prepared: Path, shared_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_exports_score_beauty_users_like_the_published_model(
+    beauty_prepared: Path, shared_dir: Path, tmp_path: Path
+) -> None:
     """The published Beauty weights exported; 2,048 Beauty test users through every graph.
     Tolerance: user vectors within 1e-4 (absolute; they are of norm ~10), scores within 1e-3,
     and the top-20 lists equal for at least 99 % of users (a last-bit difference may swap two

@@ -21,7 +21,12 @@ from elcrec_dist.model import ELCRec
 from elcrec_dist.trainer.intents import epoch_kmeans_seed, refresh_intents
 
 REPO = Path(__file__).resolve().parents[1]
-ICLREC = ["model.intents=epoch_kmeans", "loss.cluster_weight=0", "loss.fusion=none", "model.num_clusters=4"]
+ICLREC = [
+    "model.intents=epoch_kmeans",
+    "loss.cluster_weight=0",
+    "loss.fusion=none",
+    "model.num_clusters=4",
+]
 
 
 def one_by_one_embeddings(model: ELCRec, seqs: list) -> torch.Tensor:
@@ -36,7 +41,9 @@ def one_by_one_embeddings(model: ELCRec, seqs: list) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("epoch", [0, 5])
-def test_epoch_centres_equal_a_plain_kmeans_of_all_user_embeddings(tmp_path: Path, epoch: int) -> None:
+def test_epoch_centres_equal_a_plain_kmeans_of_all_user_embeddings(
+    tmp_path: Path, epoch: int
+) -> None:
     cfg = _tiny_config(ICLREC)
     seqs = _tiny_data(n=30, items=20, seed=3)
     data = _stream(tmp_path, seqs)
@@ -74,31 +81,51 @@ def test_steps_leave_the_epoch_centres_alone_and_train_the_rest(tmp_path: Path) 
     centres = model.cluster_centers.detach().clone()
     reference = copy.deepcopy(model)
     initial = copy.deepcopy(model.state_dict())
-    batch = make_train_batch(seqs[:4], num_items=20, max_len=6, augment=cfg.augment, generator=torch.Generator().manual_seed(1))
+    batch = make_train_batch(
+        seqs[:4],
+        num_items=20,
+        max_len=6,
+        augment=cfg.augment,
+        generator=torch.Generator().manual_seed(1),
+    )
 
     engine = build_engine(model, cfg)
     logged = train_step(engine, batch, cfg)
 
     trainable = [p for name, p in reference.named_parameters() if name != "cluster_centers"]
     opt = torch.optim.Adam(trainable, lr=cfg.train.lr, betas=cfg.train.betas, eps=1e-8)
-    loss = weighted_total(elcrec_terms(reference, batch, cfg.loss, normalised_centres=False), cfg.loss)
+    loss = weighted_total(
+        elcrec_terms(reference, batch, cfg.loss, normalised_centres=False), cfg.loss
+    )
     loss.backward()
     opt.step()
 
-    assert set(logged) == {"loss/next_item", "loss/seq_cl", "loss/intent_cl", "loss/total", GRAD_NORM}
+    assert set(logged) == {
+        "loss/next_item", "loss/seq_cl", "loss/intent_cl", "loss/total", GRAD_NORM
+    }
     # the norm covers the trained parameters only: the frozen centres have no gradient
-    squares = sum(float(p.grad.double().square().sum()) for p in trainable)
+    grads = [p.grad for p in trainable]
+    assert all(g is not None for g in grads)
+    squares = sum(float(g.double().square().sum()) for g in grads if g is not None)
     assert logged[GRAD_NORM] == pytest.approx(squares**0.5, rel=1e-5)
     assert logged["loss/total"] == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert torch.equal(model.cluster_centers.detach(), centres)  # no optimizer update, no projection
-    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+    # no optimizer update, no projection
+    assert torch.equal(model.cluster_centers.detach(), centres)
+    for (name, ours), theirs in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         assert torch.allclose(ours, theirs, atol=1e-6), name
-    moved = {name for name, value in model.state_dict().items() if not torch.equal(value, initial[name])}
+    moved = {
+        name for name, value in model.state_dict().items() if not torch.equal(value, initial[name])
+    }
     assert "item_embeddings.weight" in moved and "cluster_centers" not in moved
 
 
 def test_iclrec_variant_layers_over_a_dataset_config() -> None:
-    config = load_config([REPO / "configs" / "beauty.yaml", REPO / "configs" / "variants" / "iclrec.yaml"])
+    config = load_config(
+        [REPO / "configs" / "beauty.yaml", REPO / "configs" / "variants" / "iclrec.yaml"]
+    )
     assert config.model.intents == "epoch_kmeans"
     assert config.loss.cluster_weight == 0 and config.loss.fusion == "none"
-    assert config.model.num_clusters == 256 and config.kmeans.iterations == 20  # the dataset's settings
+    # the dataset's settings
+    assert config.model.num_clusters == 256 and config.kmeans.iterations == 20

@@ -80,14 +80,15 @@ def ranks_from_top_k(rows: list[dict], answers: dict[int, int], k: int) -> torch
     return torch.tensor(ranks)
 
 
-def test_top_20_of_the_test_split_gives_evaluate_py_metrics_exactly(trained_run: Path, dataset: Path,
-                                                                       tmp_path: Path) -> None:
+def test_top_20_of_the_test_split_gives_evaluate_py_metrics_exactly(
+    trained_run: Path, dataset: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "recs"
-    last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output", str(out),
-                  "--split", "test", "--k", "20"))
+    last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset),
+                  "--output", str(out), "--split", "test", "--k", "20"))
     expected = last_json(run("launcher/evaluate.py", "--config", str(trained_run / "config.yaml"),
-                             "--data", str(dataset), "--checkpoint", str(trained_run / "best_model.pt"),
-                             "--split", "test"))
+                             "--data", str(dataset),
+                             "--checkpoint", str(trained_run / "best_model.pt"), "--split", "test"))
     _, user_ids, sequences = load_sequences(str(dataset))
     answers = {int(u): int(s[-1]) for u, s in zip(user_ids, sequences, strict=True)}
     assert sum(int(s[-1]) in s[:-1] for s in sequences) > 0  # repeats do occur: the rule matters
@@ -182,7 +183,9 @@ def test_original_ids_come_from_the_datasets_id_maps(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = ELCRec(config.model, num_items=info.num_items).eval()
     run_dir = tmp_path / "run"
-    save_model(run_dir / "best_model.pt", state=model.state_dict(), config=config.to_dict(), meta={})
+    save_model(
+        run_dir / "best_model.pt", state=model.state_dict(), config=config.to_dict(), meta={}
+    )
     out = tmp_path / "recs"
     last_json(run("launcher/infer.py", str(run_dir), "--output", str(out), "--k", "5"))  # data.path
     rows = read_recommendations(str(out)).to_pylist()
@@ -199,8 +202,9 @@ def test_original_ids_come_from_the_datasets_id_maps(tmp_path: Path) -> None:
         assert row["items"] == [item_of[i] for i in naive_top_k(scores, set(seq.tolist()), 5)]
 
 
-def test_model_and_output_in_s3_equal_the_local_output(trained_run: Path, dataset: Path, tmp_path: Path,
-                                             s3_env: str) -> None:
+def test_model_and_output_in_s3_equal_the_local_output(
+    trained_run: Path, dataset: Path, tmp_path: Path, s3_env: str
+) -> None:
     import os
 
     local = tmp_path / "local"
@@ -220,7 +224,9 @@ def test_model_and_output_in_s3_equal_the_local_output(trained_run: Path, datase
                       "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]
 
 
-def test_refusals_exit_2_and_write_nothing(trained_run: Path, dataset: Path, tmp_path: Path) -> None:
+def test_refusals_exit_2_and_write_nothing(
+    trained_run: Path, dataset: Path, tmp_path: Path
+) -> None:
     # a folder holding something else
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -237,7 +243,9 @@ def test_refusals_exit_2_and_write_nothing(trained_run: Path, dataset: Path, tmp
     assert not (tmp_path / "never").exists()
     # a finished output asked again: nothing to do; asked with other arguments: refused
     done = tmp_path / "done"
-    last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output", str(done)))
+    last_json(
+        run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output", str(done))
+    )
     before = {p.name: p.read_bytes() for p in done.iterdir()}
     again = last_json(run("launcher/infer.py", str(trained_run), "--data", str(dataset), "--output",
                           str(done)))

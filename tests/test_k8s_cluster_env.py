@@ -71,7 +71,10 @@ def test_indexed_job_port_master_override_and_gpu_count():
 
 
 def test_host_aliases_map_the_master_name_without_etc_hosts():
-    env = {**INDEXED, "ELCREC_HOST_ALIASES": "other=10.0.0.9, elcrec-beauty-0.elcrec-beauty=127.0.0.1"}
+    env = {
+        **INDEXED,
+        "ELCREC_HOST_ALIASES": "other=10.0.0.9, elcrec-beauty-0.elcrec-beauty=127.0.0.1",
+    }
     spec = detect(env, device_count=no_gpu)
     assert spec.master_name == "elcrec-beauty-0.elcrec-beauty"
     assert spec.master_addr == "127.0.0.1"
@@ -132,13 +135,23 @@ PYTORCHJOB = {  # what a recent training operator gives worker 1 (node rank 2) o
 
 def test_pytorchjob_recent_operator():
     spec = detect(PYTORCHJOB, device_count=no_gpu)
-    assert (spec.source, spec.node_rank, spec.num_nodes, spec.procs_per_node) == ("pytorchjob", 2, 4, 8)
+    assert (spec.source, spec.node_rank, spec.num_nodes, spec.procs_per_node) == (
+        "pytorchjob",
+        2,
+        4,
+        8,
+    )
     assert (spec.master_addr, spec.master_port) == ("beauty-master-0", 23456)
     assert spec.rank_env(0)["RANK"] == "16"
 
 
 def test_pytorchjob_pet_master_and_pod_count_world_size():
-    env = {**PYTORCHJOB, "PET_MASTER_ADDR": "beauty-master-0", "PET_MASTER_PORT": "23456", "WORLD_SIZE": "4"}
+    env = {
+        **PYTORCHJOB,
+        "PET_MASTER_ADDR": "beauty-master-0",
+        "PET_MASTER_PORT": "23456",
+        "WORLD_SIZE": "4",
+    }
     env.pop("PET_NODE_RANK")  # older operators: RANK is the pod's rank
     assert detect(env, device_count=no_gpu).node_rank == 2
 
@@ -194,10 +207,19 @@ def test_volcano_pytorch_plugin_rank_wins_over_task_index():
 
 
 def test_volcano_svc_plugin_hosts():
-    env = {"VK_TASK_INDEX": "2", "VC_TRAINER_HOSTS": "vj-trainer-0.vj,vj-trainer-1.vj,vj-trainer-2.vj",
-           "VC_TRAINER_NUM": "3", "ELCREC_PROCS_PER_NODE": "1"}
+    env = {
+        "VK_TASK_INDEX": "2",
+        "VC_TRAINER_HOSTS": "vj-trainer-0.vj,vj-trainer-1.vj,vj-trainer-2.vj",
+        "VC_TRAINER_NUM": "3",
+        "ELCREC_PROCS_PER_NODE": "1",
+    }
     spec = detect(env, device_count=no_gpu)
-    assert (spec.node_rank, spec.num_nodes, spec.master_addr, spec.master_port) == (2, 3, "vj-trainer-0.vj", 29500)
+    assert (spec.node_rank, spec.num_nodes, spec.master_addr, spec.master_port) == (
+        2,
+        3,
+        "vj-trainer-0.vj",
+        29500,
+    )
 
 
 def test_volcano_several_tasks_need_a_choice():
@@ -212,12 +234,24 @@ def test_volcano_several_tasks_need_a_choice():
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"VK_TASK_INDEX": "0", "RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR, MASTER_PORT missing"),
-        ({"VK_TASK_INDEX": "0", "VC_TRAINER_HOSTS": "a,b", "VC_TRAINER_NUM": "3"}, "VC_TRAINER_NUM=3 but"),
-        ({"VK_TASK_INDEX": "1", "VC_TASK_INDEX": "0", "VC_T_HOSTS": "a,b"}, "contradictory task index"),
+        (
+            {"VK_TASK_INDEX": "0", "RANK": "0", "WORLD_SIZE": "2"},
+            "MASTER_ADDR, MASTER_PORT missing",
+        ),
+        (
+            {"VK_TASK_INDEX": "0", "VC_TRAINER_HOSTS": "a,b", "VC_TRAINER_NUM": "3"},
+            "VC_TRAINER_NUM=3 but",
+        ),
+        (
+            {"VK_TASK_INDEX": "1", "VC_TASK_INDEX": "0", "VC_T_HOSTS": "a,b"},
+            "contradictory task index",
+        ),
         ({"VK_TASK_INDEX": "0"}, "enable the pytorch plugin"),
         ({"VK_TASK_INDEX": "0", "VC_T_HOSTS": " , "}, "VC_T_HOSTS is empty"),
-        ({"VK_TASK_INDEX": "0", "VC_T_HOSTS": "a,b", "ELCREC_VOLCANO_TASK": "x"}, "VC_X_HOSTS is not set"),
+        (
+            {"VK_TASK_INDEX": "0", "VC_T_HOSTS": "a,b", "ELCREC_VOLCANO_TASK": "x"},
+            "VC_X_HOSTS is not set",
+        ),
         ({"VK_TASK_INDEX": "2", "VC_T_HOSTS": "a,b"}, "node rank 2 is outside [0, 2)"),
     ],
 )
@@ -255,7 +289,14 @@ def test_master_that_never_resolves_is_retryable():
 # --- the entrypoint process -----------------------------------------------------------------------
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    markers = ("JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    markers = (
+        "JOB_COMPLETION_INDEX",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
     env = {k: v for k, v in os.environ.items()
            if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
     return {**env, **extra}
@@ -276,7 +317,9 @@ def test_entrypoint_plan_is_a_no_ssh_deepspeed_launch():
         "--hostfile", "HOSTFILE", "--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1",
         "--master_port", "29500", "--module", "launcher.train",
     ]
-    assert cmd[runner + 12:] == ["--config", "configs/demo.yaml", "--set", "train.epochs=1", "--local_rank_like=--x"]
+    assert cmd[runner + 12:] == [
+        "--config", "configs/demo.yaml", "--set", "train.epochs=1", "--local_rank_like=--x"
+    ]
     assert plan["hostfile"].splitlines() == [f"node-{i} slots=8" for i in range(4)]
     assert [r["RANK"] for r in plan["ranks"]] == [str(r) for r in range(8, 16)]
     assert {r["WORLD_SIZE"] for r in plan["ranks"]} == {"32"}
@@ -297,7 +340,9 @@ def test_run_node_returns_the_launchers_exit_code(code):
     from launcher.entrypoint import run_node
 
     spec = detect(INDEXED, device_count=no_gpu)
-    assert run_node(spec, [sys.executable, "-c", f"raise SystemExit({code})"], env=os.environ) == code
+    assert (
+        run_node(spec, [sys.executable, "-c", f"raise SystemExit({code})"], env=os.environ) == code
+    )
 
 
 def test_run_node_reports_death_by_signal_as_128_plus_n():

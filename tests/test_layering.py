@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_training_imports_no_data_prep_module() -> None:
     code = ("import sys, elcrec_dist.trainer, elcrec_dist.errors, elcrec_dist.planted; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'data_prep'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -37,6 +39,9 @@ def test_every_library_error_carries_its_exit_code() -> None:
         assert issubclass(error, ValueError)  # callers that catch ValueError keep working
     assert exit_code_for(RetryableError("later")) == EXIT_RETRYABLE
     assert exit_code_for(ConnectionResetError("peer")) == EXIT_RETRYABLE
-    code = "import sys, elcrec_dist.errors; print(sorted(m for m in sys.modules if m.startswith('elcrec_dist')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    code = ("import sys, elcrec_dist.errors; "
+            "print(sorted(m for m in sys.modules if m.startswith('elcrec_dist')))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "['elcrec_dist', 'elcrec_dist.errors']"

@@ -239,18 +239,22 @@ def test_centre_gradient_reference_and_tangent() -> None:
         assert c.grad is not None
         grads[form], values[form] = c.grad, value.item()
     assert values["reference"] == pytest.approx(values["tangent"], abs=1e-12)
-    assert values["reference"] == pytest.approx(naive_cluster(user_emb, unit_rows, "all"), abs=1e-12)
+    assert values["reference"] == pytest.approx(
+        naive_cluster(user_emb, unit_rows, "all"), abs=1e-12
+    )
     assert torch.allclose(grads["reference"], expected, **TOL)
     assert torch.allclose(grads["tangent"], expected - radial * unit_rows, **TOL)
 
     # Off the sphere the value is still the normalised loss for both forms.
     scaled = unit_rows * torch.tensor([[0.5], [2.0], [1.0], [3.0]], dtype=torch.float64)
     for form in forms:
-        assert cluster_loss(user_emb, scaled, pairs="all", centre_gradient=form).item() == pytest.approx(
-            values["tangent"], abs=1e-12
-        )
+        assert cluster_loss(
+            user_emb, scaled, pairs="all", centre_gradient=form
+        ).item() == pytest.approx(values["tangent"], abs=1e-12)
     with pytest.raises(ValueError, match="reference' or 'tangent"):
-        cluster_loss(user_emb, unit_rows, pairs="all", centre_gradient="sideways")  # type: ignore[arg-type]
+        cluster_loss(
+            user_emb, unit_rows, pairs="all", centre_gradient="sideways"  # type: ignore[arg-type]
+        )
 
 
 def test_cluster_pairs_all_and_distinct_differ_by_diagonal() -> None:
@@ -519,11 +523,13 @@ def test_zero_weights_omit_terms_and_the_views_pass() -> None:
 
     calls.clear()
     terms = elcrec_terms(model, batch, LossConfig(seq_cl_weight=0.0, cluster_weight=0.0))
-    assert set(terms) == {"next_item", "intent_cl"} and calls == [12]  # one pass: B inputs + 2B views
+    # one pass: B inputs + 2B views
+    assert set(terms) == {"next_item", "intent_cl"} and calls == [12]
 
     calls.clear()
     terms = elcrec_terms(model, batch, LossConfig(intent_cl_weight=0.0))
-    assert set(terms) == {"next_item", "seq_cl", "cluster"} and calls == [12]  # one pass: B inputs + 2B views
+    # one pass: B inputs + 2B views
+    assert set(terms) == {"next_item", "seq_cl", "cluster"} and calls == [12]
 
 
 def test_weighted_total_applies_the_weights() -> None:
@@ -588,7 +594,10 @@ def test_dropout_at_one_half_draws_independent_fair_bits() -> None:
 def test_last_only_forward_equals_the_full_forward() -> None:
     torch.manual_seed(0)
     for layers in (1, 3):
-        model = ELCRec(ModelConfig(num_layers=layers, hidden_size=8, num_heads=2, max_len=7, num_clusters=3), num_items=30).eval()
+        model = ELCRec(
+            ModelConfig(num_layers=layers, hidden_size=8, num_heads=2, max_len=7, num_clusters=3),
+            num_items=30,
+        ).eval()
         items = torch.tensor([[0, 0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 0, 9]])
         full = model(items)
         last = model(items, last_only=True)

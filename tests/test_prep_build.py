@@ -184,7 +184,8 @@ def test_matches_the_naive_build_on_a_random_log(tmp_path: Path, buckets: int, s
     rng.shuffle(events)
     log = events_csv(tmp_path / "log.csv", events)
     flags = ("--min-user-interactions", "5", "--min-item-interactions", "3", "--max-len", "7",
-             "--event-col", "event", "--events", "buy,view", "--buckets", str(buckets), "--shards", str(shards))  # fmt: skip
+             "--event-col", "event", "--events", "buy,view",
+             "--buckets", str(buckets), "--shards", str(shards))  # fmt: skip
     assert build(log, tmp_path / "out", *flags) == 0
     ref = naive_build(events, min_user=5, min_item=3, max_len=7, keep_events=("buy", "view"))
     assert decode(tmp_path / "out") == ref["sequences"]

@@ -38,7 +38,8 @@ def log_and_clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 def _killed_run(logs: Path, out: Path, fault: str, jobs: int) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "data_prep.build", "--input", str(logs), "--output", str(out),
-               "--jobs", str(jobs), "--no-progress", "--max-time", "2030-01-01", *FLAGS]  # fmt: skip
+               "--jobs", str(jobs), "--no-progress", "--max-time", "2030-01-01",
+               *FLAGS]  # fmt: skip
     env = {**os.environ, "ELCREC_PREP_FAULT": fault, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 

@@ -108,7 +108,8 @@ def test_threshold_exceeded_fails_early_with_a_clear_message(
     )
     err = capsys.readouterr().err
     assert err.startswith(
-        "error: already rejected 2 of 6 input rows (33.33%), more than max_reject_share 20.00%: null_user 2"
+        "error: already rejected 2 of 6 input rows (33.33%), "
+        "more than max_reject_share 20.00%: null_user 2"
     )
     assert "quarantine/" in err and "no dataset was written" in err
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
@@ -130,7 +131,8 @@ def test_id_columns_that_disagree_are_refused_by_name_or_reconciled(
     assert build(logs, tmp_path / "out", *LOOSE) == 2
     err = capsys.readouterr().err
     assert (
-        f"column 'user_id' holds integers in {logs / 'a.parquet'} but strings in {logs / 'b.parquet'}"
+        f"column 'user_id' holds integers in {logs / 'a.parquet'} "
+        f"but strings in {logs / 'b.parquet'}"
         in err
     )
     assert "on_schema_mismatch: reconcile" in err
@@ -139,7 +141,8 @@ def test_id_columns_that_disagree_are_refused_by_name_or_reconciled(
     assert build(logs, tmp_path / "out", *LOOSE, "--on-schema-mismatch", "reconcile") == 0
     assert decode(tmp_path / "out") == {"5": ["x", "y", "z", "w"]}  # 5 and "5" are one user
     assert stats(tmp_path / "out")["plan"]["reconciled"] == [
-        f"column 'user_id' holds integers in {logs / 'a.parquet'} but strings in {logs / 'b.parquet'}: "
+        f"column 'user_id' holds integers in {logs / 'a.parquet'} "
+        f"but strings in {logs / 'b.parquet'}: "
         "integers read as decimal strings"
     ]
 
@@ -304,7 +307,8 @@ def test_quarantine_is_a_parquet_table_with_a_fixed_schema(tmp_path: Path) -> No
     (piece,) = (tmp_path / "out" / "quarantine").iterdir()
     table = pq.read_table(piece)
     assert table.schema.names == ["source", "row", "reason", "user", "item", "time", "event", "raw"]
-    assert table.to_pylist() == [{"source": str(path), "row": 7, "reason": "null_user", "user": None,
-                                  "item": "x", "time": "1", "event": None, "raw": None}]  # fmt: skip
+    assert table.to_pylist() == [{"source": str(path), "row": 7, "reason": "null_user",
+                                  "user": None, "item": "x", "time": "1", "event": None,
+                                  "raw": None}]  # fmt: skip
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["extra"]["quarantine_files"] == [f"quarantine/{piece.name}"]

@@ -141,7 +141,8 @@ def dataset_files(out: Path) -> dict[str, bytes]:
 
 def test_reference_by_hand() -> None:
     events = [
-        ("a", "x", 3, "v"), ("a", "y", 1, "v"), ("a", "y", 1, "v"), ("a", "z", 2, "v"), ("a", "w", 4, "v"),
+        ("a", "x", 3, "v"), ("a", "y", 1, "v"), ("a", "y", 1, "v"), ("a", "z", 2, "v"),
+        ("a", "w", 4, "v"),
         ("b", "x", 1, "v"), ("b", "y", 2, "v"), ("b", "z", 3, "v"), ("b", "w", 4, "v"),
         ("c", "x", 1, "v"), ("c", "q", 2, "v"), ("c", "q", 3, "v"), ("c", "y", 4, "v"),
     ]  # fmt: skip

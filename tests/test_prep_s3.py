@@ -33,8 +33,10 @@ def test_s3_build_gives_the_local_dataset(tmp_path: Path, s3_env: str) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
     events_csv(logs / "a.csv", events[:400])
-    columns: dict[str, list[Any]] = {"user_id": [e[0] for e in events[400:]], "item_id": [e[1] for e in events[400:]],
-               "timestamp": [e[2] for e in events[400:]], "event": [e[3] for e in events[400:]]}  # fmt: skip
+    columns: dict[str, list[Any]] = {"user_id": [e[0] for e in events[400:]],
+                                     "item_id": [e[1] for e in events[400:]],
+                                     "timestamp": [e[2] for e in events[400:]],
+                                     "event": [e[3] for e in events[400:]]}  # fmt: skip
     write_parquet(logs / "b.parquet", columns)
     (logs / "_SUCCESS").write_text("")  # side files are not inputs, here or there
 

@@ -82,7 +82,7 @@ def test_beauty_import_counts_match_a_naive_read(shared_dir: Path, beauty_sequen
         assert by_user[r[0]] == r[1:]
 
 
-# --- malformed input: exit 2, file and line named, nothing written ---------------------------------
+# --- malformed input: exit 2, file and line named, nothing written --------------------------------
 
 
 @pytest.mark.parametrize(

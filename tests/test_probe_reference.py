@@ -22,13 +22,16 @@ def test_masked_sets_exactly_floor_ratio_n_positions_to_the_token() -> None:
     seq = list(range(1, 11))
     out = pr.masked(seq, 0.7, 99, rng)
     assert len(out) == 10 and out.count(99) == 7
-    assert [x for x in out if x != 99] == [x for i, x in enumerate(seq) if out[i] != 99]  # the rest in place
+    # the rest in place
+    assert [x for x in out if x != 99] == [x for i, x in enumerate(seq) if out[i] != 99]
     assert pr.masked([5, 6], 0.7, 99, rng).count(99) == 1  # floor(1.4)
 
 
 def test_unmasked_views_of_distinct_users_always_match_themselves() -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
-    config = dataclasses.replace(config, augment=dataclasses.replace(config.augment, mask_ratio=0.0))
+    config = dataclasses.replace(
+        config, augment=dataclasses.replace(config.augment, mask_ratio=0.0)
+    )
     torch.manual_seed(0)
     model = ELCRec(config.model, num_items=50).eval()
     users = [[1 + (u * 7 + t) % 50 for t in range(6 + u % 5)] for u in range(40)]
@@ -47,7 +50,9 @@ def test_the_reserved_row_comes_from_the_published_table_or_is_fresh(tmp_path: P
     # a published table: our rows plus one known extra row (the only key this reads)
     extra = torch.full((1, config.model.hidden_size), 0.5)
     path = tmp_path / "published.pt"
-    torch.save({"item_embeddings.weight": torch.cat([model.item_embeddings.weight.detach(), extra])}, path)
+    torch.save(
+        {"item_embeddings.weight": torch.cat([model.item_embeddings.weight.detach(), extra])}, path
+    )
     wide = pr.with_reserved_row(model, f"reference:{path}")
     assert torch.equal(wide.item_embeddings.weight[21], extra[0])
     assert torch.equal(wide.item_embeddings.weight[:21], model.item_embeddings.weight)
@@ -57,7 +62,15 @@ def test_position_bands_cover_every_position_once() -> None:
     for window in (1, 2, 5, 6, 10, 50):
         covered = [p for a, b in pr.position_bands(window) for p in range(a, b + 1)]
         assert covered == list(range(window)), window
-    assert pr.position_bands(50) == [(0, 24), (25, 44), (45, 45), (46, 46), (47, 47), (48, 48), (49, 49)]
+    assert pr.position_bands(50) == [
+        (0, 24),
+        (25, 44),
+        (45, 45),
+        (46, 46),
+        (47, 47),
+        (48, 48),
+        (49, 49),
+    ]
 
 
 def test_position_norms_are_band_means_of_row_norms() -> None:
@@ -66,7 +79,8 @@ def test_position_norms_are_band_means_of_row_norms() -> None:
     window = config.model.max_len
     with torch.no_grad():
         model.position_embeddings.weight.zero_()
-        model.position_embeddings.weight[:, 0] = torch.arange(window, dtype=torch.float32)  # norm of row p is p
+        # norm of row p is p
+        model.position_embeddings.weight[:, 0] = torch.arange(window, dtype=torch.float32)
     norms = pr.position_norms(model)
     for a, b in pr.position_bands(window):
         assert abs(norms[f"position_norm/{a}-{b}"] - (a + b) / 2) < 1e-6
@@ -74,7 +88,11 @@ def test_position_norms_are_band_means_of_row_norms() -> None:
 
 def _naive_rank(scores: torch.Tensor, answer: int, history: set[int]) -> int:
     """Pessimistic 0-based rank among items 1..N, history items other than the answer left out."""
-    return sum(1 for item in range(1, len(scores)) if item != answer and item not in history and scores[item] >= scores[answer])
+    return sum(
+        1
+        for item in range(1, len(scores))
+        if item != answer and item not in history and scores[item] >= scores[answer]
+    )
 
 
 def test_prefix_pairs_match_a_naive_loop_and_agree_at_the_newest_position() -> None:
@@ -104,8 +122,12 @@ def test_prefix_pairs_match_a_naive_loop_and_agree_at_the_newest_position() -> N
                 alone_in[0, window - len(prefix):] = torch.from_numpy(prefix)
                 history = set(int(x) for x in seq[: m + 1])
                 answer = int(seq[m + 1])
-                inside = _naive_rank(hidden[window - 1 - d] @ model.item_embeddings.weight.T, answer, history)
-                alone = _naive_rank(model(alone_in)[0, -1] @ model.item_embeddings.weight.T, answer, history)
+                inside = _naive_rank(
+                    hidden[window - 1 - d] @ model.item_embeddings.weight.T, answer, history
+                )
+                alone = _naive_rank(
+                    model(alone_in)[0, -1] @ model.item_embeddings.weight.T, answer, history
+                )
                 expected.append((d, inside, alone))
     assert rows == expected
     assert len(rows) == sum(min(len(s) - 3, window) for s in sequences)
@@ -118,7 +140,9 @@ def test_prefix_alignment_reports_the_ratio_of_the_two_forms() -> None:
     torch.manual_seed(4)
     model = ELCRec(config.model, num_items=12).eval()
     rng = random.Random(6)
-    sequences = [np.array([rng.randint(1, 12) for _ in range(rng.randint(4, 9))]) for _ in range(30)]
+    sequences = [
+        np.array([rng.randint(1, 12) for _ in range(rng.randint(4, 9))]) for _ in range(30)
+    ]
     report = pr.prefix_alignment(model, sequences)
     rows = pr.prefix_pairs_ranks(model, sequences)
     later = [(a, b) for d, a, b in rows if d >= 1]
@@ -136,7 +160,9 @@ def test_gradient_norms_follow_where_each_term_reaches() -> None:
     rng = random.Random(8)
     # sequences of 4-8 items: training inputs of at most 5, so positions before window - 5 are
     # padding in every input, where the next-item loss has no target and attention no key
-    sequences = [np.array([rng.randint(1, 40) for _ in range(rng.randint(4, 8))]) for _ in range(48)]
+    sequences = [
+        np.array([rng.randint(1, 40) for _ in range(rng.randint(4, 8))]) for _ in range(48)
+    ]
     grads = pr.gradient_norms(model, sequences, config=config, batches=3, seed=0)
     oldest = [f"position_{a}-{b}" for a, b in pr.position_bands(window) if b < window - 5]
     assert oldest, "the demo window must be longer than 10 for this test"
@@ -146,7 +172,9 @@ def test_gradient_norms_follow_where_each_term_reaches() -> None:
     assert grads[f"grad/next_item/position_{window - 1}-{window - 1}"] > 0.0
     assert grads["grad/next_item/items"] > 0.0
     # weights scale their term's gradient and nothing else; the model's own .grad stays unset
-    doubled = dataclasses.replace(config, loss=dataclasses.replace(config.loss, seq_cl_weight=2 * config.loss.seq_cl_weight))
+    doubled = dataclasses.replace(
+        config, loss=dataclasses.replace(config.loss, seq_cl_weight=2 * config.loss.seq_cl_weight)
+    )
     again = pr.gradient_norms(model, sequences, config=doubled, batches=3, seed=0)
     for key, value in grads.items():
         expected = 2 * value if key.startswith("grad/seq_cl/") else value

@@ -23,7 +23,8 @@ from elcrec_dist.reference import ReferenceError, load_reference
 BEAUTY_ITEMS = 12101
 
 
-# The official layout, written out by hand (not derived from the code under test): our name -> theirs.
+# The official layout, written out by hand (not derived from the code under test): our name ->
+# theirs.
 def official_name(ours: str) -> str:
     top = {
         "item_embeddings.weight": "item_embeddings.weight",

@@ -54,8 +54,12 @@ def test_report_counts_match_a_naive_assignment(tmp_path: Path) -> None:
     config = load_config("configs/demo.yaml", ["model.num_clusters=6", f"data.path={data}"])
     torch.manual_seed(3)
     model = ELCRec(config.model, num_items=80).eval()
-    save_model(tmp_path / "run" / "best_model.pt", state=model.state_dict(), config=config.to_dict(),
-               meta={})
+    save_model(
+        tmp_path / "run" / "best_model.pt",
+        state=model.state_dict(),
+        config=config.to_dict(),
+        meta={},
+    )
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "launcher.intents", str(tmp_path / "run"),
                            "--output", str(out)], cwd=REPO, capture_output=True, text=True,

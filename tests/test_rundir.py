@@ -98,14 +98,20 @@ def test_an_s3_location_without_credentials_is_permanent(
 
 def test_a_missing_bucket_is_permanent_and_an_existing_one_passes(s3_env: str) -> None:
     check_location(f"s3://{s3_env}/runs/x", what="run folder")
-    with pytest.raises(LocationError, match=r"run folder s3://no-such-bucket-x/r: bucket 'no-such-bucket-x' does not exist"):
+    with pytest.raises(
+        LocationError,
+        match=r"run folder s3://no-such-bucket-x/r: bucket 'no-such-bucket-x' does not exist",
+    ):
         check_location("s3://no-such-bucket-x/r", what="run folder")
 
 
 def test_the_retry_budget_is_set_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     fs, _ = filesystem("s3://bucket/x")
-    assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": DEFAULT_ATTEMPTS}
+    assert fs.config_kwargs["retries"] == {
+        "mode": "standard",
+        "total_max_attempts": DEFAULT_ATTEMPTS,
+    }
     assert fs.config_kwargs["connect_timeout"] == 10 and fs.config_kwargs["read_timeout"] == 60
     assert fs.retries == 1  # s3fs's own loop makes one pass: botocore's attempts are the budget
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
@@ -131,7 +137,9 @@ def test_a_folder_reads_back_what_it_wrote_and_lists_it(run_dir: str, tmp_path: 
     assert folder.read_text("config.yaml") == "a: 1\n"
     assert folder.files() == {"checkpoints/step-00000003/weights.bin": 10240, "config.yaml": 5}
     assert [f.name for f in folder.child("checkpoints").folders()] == ["step-00000003"]
-    assert folder.child("checkpoints").folders()[0] == Folder(f"{run_dir}/checkpoints/step-00000003")
+    assert folder.child("checkpoints").folders()[0] == Folder(
+        f"{run_dir}/checkpoints/step-00000003"
+    )
     back = tmp_path / "back.bin"
     folder.download(uploaded.path, back, expect=uploaded)
     assert back.read_bytes() == source.read_bytes()
@@ -166,7 +174,9 @@ def _checkpoint(run: Folder, step: int, tmp_path: Path) -> Folder:
     return folder
 
 
-def test_a_torn_checkpoint_is_refused_and_the_previous_one_used(run_dir: str, tmp_path: Path) -> None:
+def test_a_torn_checkpoint_is_refused_and_the_previous_one_used(
+    run_dir: str, tmp_path: Path
+) -> None:
     run = Folder(run_dir)
     _checkpoint(run, 10, tmp_path)
     newest = _checkpoint(run, 20, tmp_path)
@@ -232,7 +242,10 @@ def test_the_run_log_is_stored_at_each_flush_and_tensorboard_reads_it(run_dir: s
     assert _scalars(f"{run_dir}/tb") == {"loss/total": [(1, 1.5), (2, 1.25)]}
     log.log({"loss/total": 1.0}, step=3)
     log.close()
-    assert json.loads(folder.read_text("metrics.jsonl").splitlines()[-1]) == {"step": 3, "loss/total": 1.0}
+    assert json.loads(folder.read_text("metrics.jsonl").splitlines()[-1]) == {
+        "step": 3,
+        "loss/total": 1.0,
+    }
 
     # a resumed run (a new process, e.g. another pod) continues the stored log from its
     # checkpoint's step; TensorBoard drops the steps after it (the purge event)

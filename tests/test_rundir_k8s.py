@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parents[1]
 # 400 users / 64 = 7 steps per epoch, 14 in all; a checkpoint every 3 steps and at epoch ends.
 # ZeRO stage 1: each rank writes its own optimizer partition, which must land before the commit.
-OVERRIDES = ["train.epochs=2", "train.batch_size=64", "train.checkpoint_every=3", "train.log_every=1",
-             "kmeans.sample_users=200", "kmeans.restarts=1", "kmeans.iterations=3", "model.num_clusters=4",
-             "deepspeed.zero_stage=1"]
+OVERRIDES = ["train.epochs=2", "train.batch_size=64", "train.checkpoint_every=3",
+             "train.log_every=1", "kmeans.sample_users=200", "kmeans.restarts=1",
+             "kmeans.iterations=3", "model.num_clusters=4", "deepspeed.zero_stage=1"]
 TIMING = re.compile(r"(per_s|seconds|_time|finished_at|time_split|time/|peak_memory|_s$)")
 
 
@@ -54,8 +54,8 @@ def without_timing(value: Any) -> Any:
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rundir-k8s") / "data"
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "400", "--items", "120",
-         "--intents", "4"],
+        [sys.executable, "-m", "data_prep.synthetic", "--output", str(out), "--users", "400",
+         "--items", "120", "--intents", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -65,13 +65,20 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def render(data: str, run_dir: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """The Job, the TensorBoard Deployment and the ConfigMap's config, as `render` prints them
     for 2 pods x 1 CPU rank with both locations in the bucket."""
-    args = ["render", "--config", str(REPO / "configs/demo.yaml"), "--nodes", "2", "--gpus-per-node", "0",
+    args = ["render", "--config", str(REPO / "configs/demo.yaml"), "--nodes", "2",
+            "--gpus-per-node", "0",
             "--procs-per-node", "1", "--image", f"unused@sha256:{'0' * 64}", "--data", data,
             "--run-dir", run_dir, "--master-port", str(free_port())]
     for item in OVERRIDES:
         args += ["--set", item]
-    proc = subprocess.run([sys.executable, "-m", "launcher.k8s", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.k8s", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     docs = list(yaml.safe_load_all(proc.stdout))
     job = next(d for d in docs if d["kind"] == "Job")
     tensorboard = next(d for d in docs if d["kind"] == "Deployment")
@@ -82,7 +89,15 @@ def render(data: str, run_dir: str) -> tuple[dict[str, Any], dict[str, Any], str
 def container_env(container: dict[str, Any], job_name: str) -> dict[str, str]:
     """The kubelet's environment for ``container``: the manifest's values, the Downward API's
     job name, and the storage Secret's keys (endpoint, credentials) from this test's server."""
-    markers = ("JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+    markers = (
+        "JOB_COMPLETION_INDEX",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_SIZE",
+    )
     env = {k: v for k, v in os.environ.items()
            if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
     env["OMP_NUM_THREADS"] = "1"  # the runs are compared bitwise (see test_k8s_launch.py)
@@ -91,7 +106,10 @@ def container_env(container: dict[str, Any], job_name: str) -> dict[str, str]:
         if "value" in item:
             env[item["name"]] = item["value"]
         else:
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+            assert (
+                item["valueFrom"]["fieldRef"]["fieldPath"]
+                == "metadata.labels['batch.kubernetes.io/job-name']"
+            )
             env[item["name"]] = job_name
     env["HOME"] = os.environ.get("HOME", "/tmp")  # keep DeepSpeed's compiled-op cache
     return env
@@ -101,17 +119,27 @@ def substitute(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
 
 
-def start_pod(job: dict[str, Any], index: int, *, config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_pod(
+    job: dict[str, Any], index: int, *, config_file: Path, log: Path
+) -> subprocess.Popen[bytes]:
     template = job["spec"]["template"]
     (container,) = template["spec"]["containers"]
     env = container_env(container, job["metadata"]["name"])
     env["JOB_COMPLETION_INDEX"] = str(index)  # set by the Job controller
-    env["ELCREC_HOST_ALIASES"] = f"{job['metadata']['name']}-0.{template['spec']['subdomain']}=127.0.0.1"
+    env["ELCREC_HOST_ALIASES"] = (
+        f"{job['metadata']['name']}-0.{template['spec']['subdomain']}=127.0.0.1"
+    )
     command = [sys.executable if part == "python" else part for part in container["command"]]
-    args = [str(config_file) if a == "/etc/elcrec/config.yaml" else a for a in substitute(container["args"], env)]
-    assert "--resume" in args and args[args.index("--resume") + 1] == "auto"  # what a restart relies on
+    args = [
+        str(config_file) if a == "/etc/elcrec/config.yaml" else a
+        for a in substitute(container["args"], env)
+    ]
+    # what a restart relies on
+    assert "--resume" in args and args[args.index("--resume") + 1] == "auto"
     with log.open("ab") as out:
-        return subprocess.Popen(command + args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command + args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def kill_pod(pod: subprocess.Popen[bytes]) -> None:
@@ -126,7 +154,9 @@ def kill_pod(pod: subprocess.Popen[bytes]) -> None:
     pod.wait()
 
 
-def run_pods(job: dict[str, Any], config_file: Path, logs: list[Path], *, until: Any = None) -> list[int | None]:
+def run_pods(
+    job: dict[str, Any], config_file: Path, logs: list[Path], *, until: Any = None
+) -> list[int | None]:
     """Start both pods and wait until they exit, one fails (a gang restart follows), or
     ``until()`` is true (then pod 1 is deleted, and pod 0 with it: the gang restarts)."""
     pods = [start_pod(job, i, config_file=config_file, log=logs[i]) for i in range(2)]
@@ -147,7 +177,9 @@ def run_pods(job: dict[str, Any], config_file: Path, logs: list[Path], *, until:
 
 
 def pod_logs(logs: list[Path]) -> str:
-    return "\n\n".join(f"--- pod {i} ---\n{log.read_text(errors='replace')[-4000:]}" for i, log in enumerate(logs))
+    return "\n\n".join(
+        f"--- pod {i} ---\n{log.read_text(errors='replace')[-4000:]}" for i, log in enumerate(logs)
+    )
 
 
 def scalars_from_tensorboard(deployment: dict[str, Any], tag: str, tmp_path: Path, *,
@@ -175,7 +207,9 @@ def scalars_from_tensorboard(deployment: dict[str, Any], tag: str, tmp_path: Pat
             except OSError:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, (
-                f"{len(curve)} of {points} points; " + (tmp_path / "tensorboard.log").read_text()[-3000:])
+                f"{len(curve)} of {points} points; "
+                + (tmp_path / "tensorboard.log").read_text()[-3000:]
+            )
             time.sleep(0.5)
     finally:
         server.kill()
@@ -230,9 +264,14 @@ def test_two_pods_with_an_s3_run_folder_survive_a_killed_pod(
     assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
     # results.json and the logs are in the bucket, and tell the same story
     results = [json.loads(run.read_text("results.json")) for run in (straight, broken)]
-    assert results[0]["world_size"] == 2 and without_timing(results[0]) == without_timing(results[1])
-    rows = [[without_timing(json.loads(line)) for line in run.read_text("metrics.jsonl").splitlines()]
-            for run in (straight, broken)]
+    assert (
+        results[0]["world_size"] == 2
+        and without_timing(results[0]) == without_timing(results[1])
+    )
+    rows = [
+        [without_timing(json.loads(line)) for line in run.read_text("metrics.jsonl").splitlines()]
+        for run in (straight, broken)
+    ]
     assert rows[0] == rows[1]  # no row lost at the kill, none twice
     assert sum("loss/total" in row for row in rows[0]) == 14
     assert [name for name in broken.files() if name.startswith("tb/events.out.tfevents")]

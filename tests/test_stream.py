@@ -81,7 +81,9 @@ def row_groups(root: Path) -> list[tuple[str, int, list[int], list[list[int]]]]:
         f = pq.ParquetFile(root / entry["path"])
         for g in range(f.num_row_groups):
             t = f.read_row_group(g)
-            out.append((entry["path"], g, t.column("user_id").to_pylist(), t.column("items").to_pylist()))
+            out.append(
+                (entry["path"], g, t.column("user_id").to_pylist(), t.column("items").to_pylist())
+            )
     return out
 
 
@@ -93,7 +95,9 @@ def unit_of_user(root: Path) -> dict[int, int]:
     return {u: i for i, (_, _, ids, _) in enumerate(row_groups(root)) for u in ids}
 
 
-def reference_epoch(root: Path, *, seed: int, epoch: int, world: int, batch: int, window: int) -> list[list[list[int]]]:
+def reference_epoch(
+    root: Path, *, seed: int, epoch: int, world: int, batch: int, window: int
+) -> list[list[list[int]]]:
     """User ids of every rank's local batches, from the spec, with every user in memory.
 
     Permute the row groups (seeded by seed, epoch), lay them end to end, cut into ``world``
@@ -123,16 +127,22 @@ def reference_epoch(root: Path, *, seed: int, epoch: int, world: int, batch: int
     return ranks
 
 
-def epoch_ids(ds: StreamingDataset, *, seed: int, epoch: int, world: int, batch: int = BATCH) -> list[list[list[int]]]:
+def epoch_ids(
+    ds: StreamingDataset, *, seed: int, epoch: int, world: int, batch: int = BATCH
+) -> list[list[list[int]]]:
     out = []
     for r in range(world):
-        batches = list(ds.train_batches(epoch=epoch, rank=r, world=world, batch_size=batch, seed=seed))
+        batches = list(
+            ds.train_batches(epoch=epoch, rank=r, world=world, batch_size=batch, seed=seed)
+        )
         assert [s for s, _ in batches] == list(range(len(batches)))
         out.append([rows.user_ids.tolist() for _, rows in batches])
     return out
 
 
-def instrument(ds: StreamingDataset, monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0) -> list[tuple[int, int]]:
+def instrument(
+    ds: StreamingDataset, monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0
+) -> list[tuple[int, int]]:
     """Log every row group ``ds`` reads as (file, row group), optionally slowing each read."""
     log: list[tuple[int, int]] = []
     real = ds._read_row_group
@@ -185,7 +195,9 @@ def test_units_are_the_footers_row_groups(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_epoch_uses_every_user_once_with_equal_steps_and_balanced_batches(dataset: Path, world: int) -> None:
+def test_epoch_uses_every_user_once_with_equal_steps_and_balanced_batches(
+    dataset: Path, world: int
+) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=WINDOW)
     truth = by_user(dataset)
     steps = math.ceil(NUM_USERS / BATCH)  # 20
@@ -209,7 +221,9 @@ def test_epoch_uses_every_user_once_with_equal_steps_and_balanced_batches(datase
 def test_epoch_equals_the_in_memory_reference(dataset: Path, world: int) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=WINDOW)
     for seed, epoch in [(7, 0), (7, 1), (3, 4)]:
-        expected = reference_epoch(dataset, seed=seed, epoch=epoch, world=world, batch=BATCH, window=WINDOW)
+        expected = reference_epoch(
+            dataset, seed=seed, epoch=epoch, world=world, batch=BATCH, window=WINDOW
+        )
         assert epoch_ids(ds, seed=seed, epoch=epoch, world=world) == expected
 
 
@@ -226,7 +240,9 @@ def test_order_is_fixed_by_seed_and_epoch_and_changes_with_either(dataset: Path)
 
 
 @pytest.mark.parametrize("world", [1, 3])
-def test_resume_from_step_equals_the_tail_of_the_epoch(dataset: Path, world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_from_step_equals_the_tail_of_the_epoch(
+    dataset: Path, world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=WINDOW)
     unit_of = unit_of_user(dataset)
     ordinal = {(ds.units[i].file, ds.units[i].index): i for i in range(len(ds.units))}
@@ -235,7 +251,11 @@ def test_resume_from_step_equals_the_tail_of_the_epoch(dataset: Path, world: int
         for start in [0, 1, 7, 13, 19, 20]:
             probe = StreamingDataset.open(str(dataset), window_groups=WINDOW)
             log = instrument(probe, monkeypatch)
-            tail = list(probe.train_batches(epoch=2, rank=r, world=world, batch_size=BATCH, seed=5, start_step=start))
+            tail = list(
+                probe.train_batches(
+                    epoch=2, rank=r, world=world, batch_size=BATCH, seed=5, start_step=start
+                )
+            )
             assert [s for s, _ in tail] == list(range(start, len(full)))
             for (_, want), (_, got) in zip(full[start:], tail, strict=True):
                 assert got.user_ids.tolist() == want.user_ids.tolist()
@@ -256,14 +276,20 @@ def test_resume_outside_the_epoch_is_refused(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_each_rank_reads_only_its_own_row_groups(dataset: Path, world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_rank_reads_only_its_own_row_groups(
+    dataset: Path, world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     unit_of = unit_of_user(dataset)
     groups = row_groups(dataset)
     reads_per_rank = []
     for r in range(world):
         ds = StreamingDataset.open(str(dataset), window_groups=WINDOW)
         log = instrument(ds, monkeypatch)
-        users = [u for _, rows in ds.train_batches(epoch=1, rank=r, world=world, batch_size=BATCH, seed=2) for u in rows.user_ids.tolist()]
+        users = [
+            u
+            for _, rows in ds.train_batches(epoch=1, rank=r, world=world, batch_size=BATCH, seed=2)
+            for u in rows.user_ids.tolist()
+        ]
         mine = {unit_of[u] for u in users}
         assert sorted(log) == sorted((ds.units[i].file, ds.units[i].index) for i in mine)
         reads_per_rank.append(len(log))
@@ -271,7 +297,9 @@ def test_each_rank_reads_only_its_own_row_groups(dataset: Path, world: int, monk
     assert sum(reads_per_rank) <= len(groups) + world - 1
 
 
-def test_read_ahead_is_bounded_and_overlaps_compute(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_ahead_is_bounded_and_overlaps_compute(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=WINDOW, prefetch=1)
     unit_of = unit_of_user(dataset)
     ordinal = {(ds.units[i].file, ds.units[i].index): i for i in range(len(ds.units))}
@@ -304,7 +332,9 @@ def test_abandoning_an_epoch_stops_the_reader_thread(dataset: Path) -> None:
     assert not any(t.name == "stream-prefetch" for t in threading.enumerate())
 
 
-def test_a_read_error_reaches_the_trainer_unchanged(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_error_reaches_the_trainer_unchanged(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=1)
     real = ds._read_row_group
     calls: list[RowGroup] = []
@@ -336,18 +366,26 @@ def test_a_dataset_too_small_for_the_world_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_shares_are_disjoint_complete_and_in_manifest_order(dataset: Path, world: int) -> None:
     ds = StreamingDataset.open(str(dataset), window_groups=WINDOW)
-    truth = [(u, s) for _, _, ids, seqs in row_groups(dataset) for u, s in zip(ids, seqs, strict=True)]
+    truth = [
+        (u, s) for _, _, ids, seqs in row_groups(dataset) for u, s in zip(ids, seqs, strict=True)
+    ]
     got = []
     for r in range(world):
         chunks = list(ds.eval_sequences(rank=r, world=world, batch_size=10))
         assert all(len(c) == 10 for c in chunks[:-1]) and 1 <= len(chunks[-1]) <= 10
-        share = [(u, s.tolist()) for c in chunks for u, s in zip(c.user_ids.tolist(), c.sequences, strict=True)]
+        share = [
+            (u, s.tolist())
+            for c in chunks
+            for u, s in zip(c.user_ids.tolist(), c.sequences, strict=True)
+        ]
         assert abs(len(share) - NUM_USERS / world) < 1  # balanced
         got.extend(share)
     assert got == truth  # ranks' shares, in rank order, are the users in manifest order
 
 
-def test_sample_union_depends_only_on_seed_and_is_bounded(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sample_union_depends_only_on_seed_and_is_bounded(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     truth = by_user(dataset)
     unit_of = unit_of_user(dataset)
     unions = []
@@ -372,7 +410,9 @@ def test_sample_union_depends_only_on_seed_and_is_bounded(dataset: Path, monkeyp
     assert len(unions[0]) == len(set(unions[0])) == 40
     other = StreamingDataset.open(str(dataset)).sample_sequences(rank=0, world=1, count=40, seed=4)
     assert set(other.user_ids.tolist()) != set(unions[0])
-    everyone = StreamingDataset.open(str(dataset)).sample_sequences(rank=0, world=1, count=10**6, seed=3)
+    everyone = StreamingDataset.open(str(dataset)).sample_sequences(
+        rank=0, world=1, count=10**6, seed=3
+    )
     assert sorted(everyone.user_ids.tolist()) == sorted(truth)
 
 
@@ -393,7 +433,10 @@ def test_a_user_with_fewer_than_4_items_is_refused_naming_the_file(tmp_path: Pat
     bad_user = int(users[0][17])
     out = write_dataset(tmp_path / "short", users, shards=1)
     ds = StreamingDataset.open(str(out))
-    with pytest.raises(DatasetError, match=rf"part-00000-of-00001\.parquet: row group \d+: user {bad_user} has 3 items"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"part-00000-of-00001\.parquet: row group \d+: user {bad_user} has 3 items",
+    ):
         list(ds.train_batches(epoch=0, rank=0, world=1, batch_size=8, seed=1))
     with pytest.raises(DatasetError, match="has 3 items"):
         list(ds.eval_sequences(rank=0, world=1))
@@ -415,7 +458,9 @@ def test_a_manifest_row_count_that_disagrees_with_the_file_is_refused(tmp_path: 
 
     edit_manifest(out, move_a_row)
     read_info(str(out))
-    with pytest.raises(DatasetError, match=r"part-00000-of-00003\.parquet: \d+ rows in the file, manifest says"):
+    with pytest.raises(
+        DatasetError, match=r"part-00000-of-00003\.parquet: \d+ rows in the file, manifest says"
+    ):
         StreamingDataset.open(str(out))
 
 
@@ -425,10 +470,14 @@ def test_a_file_of_another_size_or_a_missing_file_is_refused(tmp_path: Path) -> 
     size = shard.stat().st_size
     with shard.open("ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(DatasetError, match=rf"part-00001-of-00003\.parquet: {size + 1} bytes, manifest says {size}"):
+    with pytest.raises(
+        DatasetError, match=rf"part-00001-of-00003\.parquet: {size + 1} bytes, manifest says {size}"
+    ):
         StreamingDataset.open(str(out))
     shard.unlink()
-    with pytest.raises(DatasetError, match=r"part-00001-of-00003\.parquet: listed in the manifest, but missing"):
+    with pytest.raises(
+        DatasetError, match=r"part-00001-of-00003\.parquet: listed in the manifest, but missing"
+    ):
         StreamingDataset.open(str(out))
 
 
@@ -447,10 +496,14 @@ def test_s3_copy_gives_the_same_plans_and_batches(dataset: Path, s3_env: str) ->
     for world in (1, 2):
         for r in range(world):
             want = list(local.train_batches(epoch=3, rank=r, world=world, batch_size=BATCH, seed=9))
-            got = list(remote.train_batches(epoch=3, rank=r, world=world, batch_size=BATCH, seed=9, start_step=0))
-            assert [(s, b.user_ids.tolist(), [x.tolist() for x in b.sequences]) for s, b in got] == [
-                (s, b.user_ids.tolist(), [x.tolist() for x in b.sequences]) for s, b in want
-            ]
+            got = list(
+                remote.train_batches(
+                    epoch=3, rank=r, world=world, batch_size=BATCH, seed=9, start_step=0
+                )
+            )
+            assert [
+                (s, b.user_ids.tolist(), [x.tolist() for x in b.sequences]) for s, b in got
+            ] == [(s, b.user_ids.tolist(), [x.tolist() for x in b.sequences]) for s, b in want]
     assert [c.user_ids.tolist() for c in remote.eval_sequences(rank=1, world=2, batch_size=32)] == [
         c.user_ids.tolist() for c in local.eval_sequences(rank=1, world=2, batch_size=32)
     ]
@@ -460,5 +513,7 @@ def test_s3_copy_gives_the_same_plans_and_batches(dataset: Path, s3_env: str) ->
     )
     # a manifest that disagrees with an object is refused there too
     fs.rm(f"{s3_env}/ds/part-00002-of-00003.parquet")
-    with pytest.raises(DatasetError, match=r"part-00002-of-00003\.parquet: listed in the manifest, but missing"):
+    with pytest.raises(
+        DatasetError, match=r"part-00002-of-00003\.parquet: listed in the manifest, but missing"
+    ):
         StreamingDataset.open(url)

@@ -25,7 +25,13 @@ from elcrec_dist.trainer.intents import centre_stats, init_centres
 def test_train_batch_inputs_and_targets_by_hand() -> None:
     cfg = load_config(None, ["model.max_len=4"])
     seqs = [np.array([5, 6, 7, 8, 9, 10]), np.array([1, 2, 3, 4])]
-    batch = make_train_batch(seqs, num_items=10, max_len=4, augment=cfg.augment, generator=torch.Generator().manual_seed(0))
+    batch = make_train_batch(
+        seqs,
+        num_items=10,
+        max_len=4,
+        augment=cfg.augment,
+        generator=torch.Generator().manual_seed(0),
+    )
     # user 0: input seq[:-3] = [5, 6, 7], targets seq[1:-2] = [6, 7, 8]; left-padded to 4
     # user 1: input [1], target [2]
     assert batch.inputs.tolist() == [[0, 5, 6, 7], [0, 0, 0, 1]]
@@ -82,7 +88,11 @@ def test_negatives_equal_a_naive_membership_loop() -> None:
 def test_deepspeed_config_carries_the_batch_triplet_and_refuses_uneven_splits() -> None:
     cfg = load_config(None, ["train.batch_size=256", "deepspeed.zero_stage=1"])
     ds = deepspeed_config(cfg, 2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 128, 1)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (256, 128, 1)
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ValueError, match="divisible"):
@@ -99,7 +109,10 @@ def _tiny_config(extra: Sequence[str] = ()) -> ExperimentConfig:
 
 def _tiny_data(n: int = 8, items: int = 20, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.choice(np.arange(1, items + 1), size=rng.integers(4, 10), replace=False) for _ in range(n)]
+    return [
+        rng.choice(np.arange(1, items + 1), size=rng.integers(4, 10), replace=False)
+        for _ in range(n)
+    ]
 
 
 def _stream(tmp_path: Path, seqs: list[np.ndarray], items: int = 20) -> StreamingDataset:
@@ -138,7 +151,13 @@ def test_engine_step_equals_plain_adam_then_projection() -> None:
     torch.manual_seed(0)
     model = ELCRec(cfg.model, num_items=20)
     reference = copy.deepcopy(model)
-    batch = make_train_batch(seqs, num_items=20, max_len=6, augment=cfg.augment, generator=torch.Generator().manual_seed(1))
+    batch = make_train_batch(
+        seqs,
+        num_items=20,
+        max_len=6,
+        augment=cfg.augment,
+        generator=torch.Generator().manual_seed(1),
+    )
 
     engine = build_engine(model, cfg)
     logged = train_step(engine, batch, cfg)
@@ -152,12 +171,22 @@ def test_engine_step_equals_plain_adam_then_projection() -> None:
         reference.cluster_centers.copy_(F.normalize(reference.cluster_centers, dim=-1))
 
     assert logged["loss/total"] == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert set(logged) == {"loss/next_item", "loss/cluster", "loss/seq_cl", "loss/intent_cl", "loss/total",
-                           GRAD_NORM}
+    assert set(logged) == {
+        "loss/next_item",
+        "loss/cluster",
+        "loss/seq_cl",
+        "loss/intent_cl",
+        "loss/total",
+        GRAD_NORM,
+    }
     # the gradient norm before the update: by hand over the reference's gradients
-    squares = sum(float(p.grad.double().square().sum()) for p in reference.parameters() if p.grad is not None)
+    squares = sum(
+        float(p.grad.double().square().sum()) for p in reference.parameters() if p.grad is not None
+    )
     assert logged[GRAD_NORM] == pytest.approx(squares**0.5, rel=1e-5)
-    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+    for (name, ours), theirs in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         assert torch.allclose(ours, theirs, atol=1e-6), name
     assert torch.allclose(model.cluster_centers.norm(dim=1), torch.ones(3), atol=1e-6)
 
@@ -171,35 +200,60 @@ def test_zero_bucket_sizes_reach_the_engine_and_leave_the_step_unchanged() -> No
     dist_utils.init()
     seqs = _tiny_data(4)
     states = []
-    for extra in ([], ["deepspeed.reduce_bucket_size=7", "deepspeed.allgather_bucket_size=10", "deepspeed.overlap_comm=true"]):
+    for extra in (
+        [],
+        [
+            "deepspeed.reduce_bucket_size=7",
+            "deepspeed.allgather_bucket_size=10",
+            "deepspeed.overlap_comm=true",
+        ],
+    ):
         cfg = _tiny_config(["deepspeed.zero_stage=1", *extra])
         ds = deepspeed_config(cfg, 1)["zero_optimization"]
         torch.manual_seed(0)
         model = ELCRec(cfg.model, num_items=20)
-        batch = make_train_batch(seqs, num_items=20, max_len=6, augment=cfg.augment, generator=torch.Generator().manual_seed(1))
+        batch = make_train_batch(
+            seqs,
+            num_items=20,
+            max_len=6,
+            augment=cfg.augment,
+            generator=torch.Generator().manual_seed(1),
+        )
         engine = build_engine(model, cfg)
-        assert (engine.zero_reduce_bucket_size(), engine.zero_allgather_bucket_size(), engine.zero_overlap_comm()) == (
-            ds["reduce_bucket_size"], ds["allgather_bucket_size"], ds["overlap_comm"])
+        assert (
+            engine.zero_reduce_bucket_size(),
+            engine.zero_allgather_bucket_size(),
+            engine.zero_overlap_comm(),
+        ) == (ds["reduce_bucket_size"], ds["allgather_bucket_size"], ds["overlap_comm"])
         for _ in range(2):
             train_step(engine, batch, cfg)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-    assert ds["reduce_bucket_size"] == 7 and ds["allgather_bucket_size"] == 10 and ds["overlap_comm"] is True
+    assert (
+        ds["reduce_bucket_size"] == 7
+        and ds["allgather_bucket_size"] == 10
+        and ds["overlap_comm"] is True
+    )
     for name, value in states[0].items():
         assert torch.allclose(value, states[1][name], atol=1e-7), name
     with pytest.raises(ConfigError, match="reduce_bucket_size"):
         load_config(None, ["deepspeed.reduce_bucket_size=0"])
-    with pytest.raises(ConfigError, match="allgather_bucket_size must be a positive even number, got 11"):
+    with pytest.raises(
+        ConfigError, match="allgather_bucket_size must be a positive even number, got 11"
+    ):
         load_config(None, ["deepspeed.allgather_bucket_size=11"])
 
 
 def test_step_seed_depends_on_seed_rank_and_step_only() -> None:
     assert step_seed(1, 0, 5) == step_seed(1, 0, 5)
-    assert len({step_seed(1, 0, 5), step_seed(2, 0, 5), step_seed(1, 1, 5), step_seed(1, 0, 6)}) == 4
+    assert (
+        len({step_seed(1, 0, 5), step_seed(2, 0, 5), step_seed(1, 1, 5), step_seed(1, 0, 6)}) == 4
+    )
     assert 0 <= step_seed(1, 0, 5) < 2**63
 
 
 def test_centre_stats_by_hand() -> None:
-    # two orthogonal unit centres and their opposite-free copy: cos(0,1) = 0, cos(0,2) = 1, cos(1,2) = 0
+    # two orthogonal unit centres and their opposite-free copy: cos(0,1) = 0, cos(0,2) = 1,
+    # cos(1,2) = 0
     centres = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
     stats = centre_stats(centres, torch.tensor([5.0, 0.0, 1.0]))
     assert stats["centres/mean_pairwise_cosine"] == pytest.approx((0 + 1 + 0) * 2 / 6)
@@ -209,17 +263,24 @@ def test_centre_stats_by_hand() -> None:
     assert stats["centres/largest_share"] == pytest.approx(5 / 6)
     assert centre_stats(centres, torch.zeros(3))["centres/largest_share"] == 0.0
     # rows (1,0), (0,1), (1,0): CᵀC = diag(2, 1), shares 2/3 and 1/3
-    assert stats["centres/effective_rank"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+    assert stats["centres/effective_rank"] == pytest.approx(
+        math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    )
     assert stats["centres/opposed_pair_fraction"] == 0.0
 
 
 def test_centre_stats_see_centres_folded_onto_two_opposite_groups() -> None:
-    # (1,0), (-1,0), (0,1) by hand: CᵀC = diag(2, 1); the pair (0, 1) is opposed (2 of 6 ordered pairs)
+    # (1,0), (-1,0), (0,1) by hand: CᵀC = diag(2, 1); the pair (0, 1) is opposed (2 of 6 ordered
+    # pairs)
     folded = centre_stats(torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 1.0]]), torch.ones(3))
-    assert folded["centres/effective_rank"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+    assert folded["centres/effective_rank"] == pytest.approx(
+        math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    )
     assert folded["centres/opposed_pair_fraction"] == pytest.approx(2 / 6)
     # 3 of 4 centres on +e1, one on -e1: a healthy-looking mean cosine (0), effective rank 1
-    line = centre_stats(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]), torch.ones(4))
+    line = centre_stats(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]), torch.ones(4)
+    )
     assert line["centres/mean_pairwise_cosine"] == pytest.approx((6 * 1 - 6 * 1) / 12)
     assert line["centres/effective_rank"] == pytest.approx(1.0)
     assert line["centres/opposed_pair_fraction"] == pytest.approx(6 / 12)
@@ -237,11 +298,16 @@ def test_deterministic_kernels_make_a_training_step_repeatable_at_two_threads() 
 
     def gradients() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = ELCRec(ModelConfig(num_layers=1, hidden_size=64, num_heads=2, max_len=50, num_clusters=16), num_items=600)
+        model = ELCRec(
+            ModelConfig(num_layers=1, hidden_size=64, num_heads=2, max_len=50, num_clusters=16),
+            num_items=600,
+        )
         g = torch.Generator().manual_seed(1)
         batch = TrainBatch(
-            torch.randint(0, 601, (128, 50), generator=g), torch.randint(1, 601, (128, 50), generator=g),
-            torch.randint(1, 601, (128, 50), generator=g), torch.randint(0, 601, (256, 50), generator=g),
+            torch.randint(0, 601, (128, 50), generator=g),
+            torch.randint(1, 601, (128, 50), generator=g),
+            torch.randint(1, 601, (128, 50), generator=g),
+            torch.randint(0, 601, (256, 50), generator=g),
         )
         torch.manual_seed(5)  # dropout
         loss_config = LossConfig(fusion="shift")

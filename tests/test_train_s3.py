@@ -24,13 +24,19 @@ from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.rundir import Folder
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = ["train.epochs=2", "train.batch_size=64", "model.num_clusters=8", "kmeans.sample_users=400", "train.log_every=1"]
+OVERRIDES = [
+    "train.epochs=2",
+    "train.batch_size=64",
+    "model.num_clusters=8",
+    "kmeans.sample_users=400",
+    "train.log_every=1",
+]
 
 
 def _train(data: str, run_dir: str | Path, *extra: str, env: Mapping[str, str] | None = None,
            drop: Sequence[str] = (), cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(REPO / "launcher/train.py"), "--config", str(REPO / "configs/demo.yaml"),
-           "--data", data, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, str(REPO / "launcher/train.py"),
+           "--config", str(REPO / "configs/demo.yaml"), "--data", data, "--run-dir", str(run_dir)]
     for o in OVERRIDES:
         cmd += ["--set", o]
     # One intra-op thread: with two, CPU float reductions (e.g. the embedding gradient) are not
@@ -38,7 +44,9 @@ def _train(data: str, run_dir: str | Path, *extra: str, env: Mapping[str, str] |
     full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for name in drop:
         full.pop(name, None)
-    return subprocess.run([*cmd, *extra], cwd=cwd, capture_output=True, text=True, timeout=600, env=full)
+    return subprocess.run(
+        [*cmd, *extra], cwd=cwd, capture_output=True, text=True, timeout=600, env=full
+    )
 
 
 @pytest.mark.slow
@@ -57,12 +65,23 @@ def test_training_from_s3_equals_training_from_a_local_folder(
     b = _train(remote, tmp_path / "run-s3")
     assert a.returncode == 0, a.stderr[-3000:]
     assert b.returncode == 0, b.stderr[-3000:]
-    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run-local", "run-s3"))
+    ra, rb = (
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("run-local", "run-s3")
+    )
     assert ra["test"] == rb["test"] and ra["valid_history"] == rb["valid_history"]
-    assert ra["popularity_test"] == rb["popularity_test"] and ra["intent_recovery"] == rb["intent_recovery"]
-    la, lb = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("run-local", "run-s3"))
-    losses = [[{k: v for k, v in json.loads(x).items() if k.startswith("loss/")} for x in lines] for lines in (la, lb)]
-    assert losses[0] == losses[1] and sum(1 for row in losses[0] if row) == 2 * 10  # 600 users / 64 -> 10 steps per epoch
+    assert (
+        ra["popularity_test"] == rb["popularity_test"]
+        and ra["intent_recovery"] == rb["intent_recovery"]
+    )
+    la, lb = (
+        (tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("run-local", "run-s3")
+    )
+    losses = [
+        [{k: v for k, v in json.loads(x).items() if k.startswith("loss/")} for x in lines]
+        for lines in (la, lb)
+    ]
+    # 600 users / 64 -> 10 steps per epoch
+    assert losses[0] == losses[1] and sum(1 for row in losses[0] if row) == 2 * 10
     # no credentials end up in the run folder
     for path in (tmp_path / "run-s3").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".jsonl"):
@@ -75,7 +94,7 @@ def test_a_missing_s3_dataset_is_a_permanent_error(s3_env: str, tmp_path: Path) 
     assert "manifest.json" in proc.stderr
 
 
-# --- the run folder on s3 (issue 16) ---------------------------------------------------------------
+# --- the run folder on s3 (issue 16) --------------------------------------------------------------
 
 TIMING = re.compile(r"(per_s|seconds|_time|finished_at|time_split|time/|peak_memory|_s$)")
 
@@ -184,8 +203,8 @@ def test_a_run_folder_on_s3_through_storage_faults_holds_what_a_local_one_holds(
     # --resume reads the newest committed checkpoint back from the bucket (through faults too)
     proxy.clear()
     again = proxy.inject("500", 2, method="GET", path=r"/run/checkpoints/step-\d+/mp_rank")
-    c = _train(data, run, "--resume", "--set", "train.epochs=3", "--set", "train.checkpoint_every=4",
-               env=through_proxy)
+    c = _train(data, run, "--resume", "--set", "train.epochs=3",
+               "--set", "train.checkpoint_every=4", env=through_proxy)
     assert c.returncode == 0, c.stderr[-3000:]
     assert f"resumed from {run}/checkpoints/step-00000020 (epoch 2, step 0" in c.stderr
     assert again.served == 2
@@ -198,7 +217,9 @@ def test_past_the_storage_budget_a_run_exits_75_and_commits_nothing(
 ) -> None:
     run = f"s3://{s3_env}/outage"
     proxy.inject("503", None, method="PUT", path=r"/outage/checkpoints/")  # an outage for writes
-    proc = _train(str(small_synthetic), run, env={"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "2"})
+    proc = _train(
+        str(small_synthetic), run, env={"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "2"}
+    )
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "storage failed after 2 attempt(s)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -229,8 +250,11 @@ def test_a_run_folder_that_cannot_be_used_is_refused_before_any_work(
 def test_an_s3_run_folder_without_credentials_is_refused_before_any_work(
     s3_env: str, small_synthetic: Path, tmp_path: Path
 ) -> None:
-    env = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
-           "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     proc = _train(str(small_synthetic), f"s3://{s3_env}/run", env=env,
                   drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -253,7 +277,8 @@ def test_a_rank_whose_shard_cannot_land_stops_every_rank_before_the_commit(
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 75, output[-3000:]
-    # rank 1 names its shard (rank 0 stops with it, "rank 1: ...", unless the launcher ends it first)
+    # rank 1 names its shard (rank 0 stops with it, "rank 1: ...", unless the launcher ends it
+    # first)
     assert re.search(r"s3://\S+/zero_pp_rank_1_mp_rank_00_optim_states\.pt: storage failed "
                      r"after 2 attempt\(s\)", output), output[-3000:]
     stored = Folder(run).files()

@@ -28,13 +28,22 @@ EXPECTED = {
 
 def test_variant_layers_keep_the_dataset_settings_and_override_only_the_loss() -> None:
     base = load_config(REPO / "configs" / "sports.yaml")
-    for name in sorted(set(EXPECTED) - {"iclrec"}):  # iclrec also sets model.intents and fusion (test_iclrec.py)
-        layered = load_config([REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / f"{name}.yaml"])
+    # iclrec also sets model.intents and fusion (test_iclrec.py)
+    for name in sorted(set(EXPECTED) - {"iclrec"}):
+        layered = load_config(
+            [REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / f"{name}.yaml"]
+        )
         assert layered.name == name
         assert layered.model == base.model and layered.train == base.train  # untouched sections
         assert layered.loss.fusion == base.loss.fusion == "concat"  # merged key by key
-    sasrec = load_config([REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / "sasrec.yaml"])
-    assert (sasrec.loss.seq_cl_weight, sasrec.loss.intent_cl_weight, sasrec.loss.cluster_weight) == (0.0, 0.0, 0.0)
+    sasrec = load_config(
+        [REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / "sasrec.yaml"]
+    )
+    assert (
+        sasrec.loss.seq_cl_weight,
+        sasrec.loss.intent_cl_weight,
+        sasrec.loss.cluster_weight,
+    ) == (0.0, 0.0, 0.0)
 
 
 def test_a_bad_key_in_a_layer_names_the_files(tmp_path: Path) -> None:
@@ -51,11 +60,15 @@ def synthetic(prepared_sets: PreparedSets) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(EXPECTED))
-def test_each_variant_trains_exactly_its_terms(variant: str, synthetic: Path, tmp_path: Path) -> None:
+def test_each_variant_trains_exactly_its_terms(
+    variant: str, synthetic: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / variant
-    cmd = [sys.executable, "launcher/train.py", "--config", "configs/demo.yaml", "--config", f"configs/variants/{variant}.yaml",
-           "--data", str(synthetic), "--run-dir", str(run_dir), "--set", "train.epochs=1", "--set", "train.log_every=1",
-           "--set", "model.num_clusters=4", "--set", "kmeans.sample_users=200", "--set", "train.batch_size=100"]
+    cmd = [sys.executable, "launcher/train.py", "--config", "configs/demo.yaml",
+           "--config", f"configs/variants/{variant}.yaml",
+           "--data", str(synthetic), "--run-dir", str(run_dir), "--set", "train.epochs=1",
+           "--set", "train.log_every=1", "--set", "model.num_clusters=4",
+           "--set", "kmeans.sample_users=200", "--set", "train.batch_size=100"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

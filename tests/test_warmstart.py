@@ -65,7 +65,9 @@ def _originals(build: Path) -> dict[str, int]:
                     strict=True))
 
 
-def test_warm_start_keeps_every_surviving_items_vector_exactly(days: TwoDays, day1_run: Path) -> None:
+def test_warm_start_keeps_every_surviving_items_vector_exactly(
+    days: TwoDays, day1_run: Path
+) -> None:
     config = _config(days.day2, f"train.init_from={day1_run}")
     info = read_info(str(days.day2))
     device = torch.device("cpu")
@@ -99,7 +101,9 @@ def _train(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_the_entry_point_warm_starts_and_trains(days: TwoDays, day1_run: Path, tmp_path: Path) -> None:
+def test_the_entry_point_warm_starts_and_trains(
+    days: TwoDays, day1_run: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     proc = _train("--data", str(days.day2), "--run-dir", str(run), "--init-from", str(day1_run),
                   "--set", "train.epochs=1")

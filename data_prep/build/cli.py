@@ -1,6 +1,7 @@
 """Command line of ``python -m data_prep.build`` (see the package docstring for the design).
 
-    python -m data_prep.build --input 'logs/*.parquet' --output data/shop [--config configs/prep/NAME.yaml]
+    python -m data_prep.build --input 'logs/*.parquet' --output data/shop
+        [--config configs/prep/NAME.yaml]
         [--user-col user_id] [--item-col item_id] [--time-col timestamp] [--time-format epoch_s]
         [--event-col event --events click,purchase] [--min-user-interactions 5]
         [--min-item-interactions 5] [--max-len 200] [--max-reject-share 0.01] [--shards 4]

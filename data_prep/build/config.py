@@ -108,7 +108,8 @@ class BuildConfig:
         if self.buckets is not None:
             require(
                 1 <= self.buckets <= 65535 and self.buckets % self.shards == 0,
-                f"buckets must be in 1..65535 and a multiple of shards ({self.shards}), got {self.buckets}",
+                f"buckets must be in 1..65535 and a multiple of shards ({self.shards}), "
+                f"got {self.buckets}",
             )
         require(self.bucket_rows >= 1, "bucket_rows must be >= 1")
         require(self.batch_rows >= 1, "batch_rows must be >= 1")

@@ -136,7 +136,8 @@ class ItemRanks:
         ranks = self.index(keys)
         if (ranks < 0).any():
             raise PrepError(
-                "an item key is missing from the item table: the map outputs are inconsistent; rerun the build"
+                "an item key is missing from the item table: the map outputs are inconsistent; "
+                "rerun the build"
             )
         return ranks
 

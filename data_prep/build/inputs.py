@@ -296,9 +296,14 @@ def probe(file: InputFile, config: BuildConfig) -> tuple[InputFile, dict[str, st
                 if role == "event":
                     kind = "string" if id_kind(dtype) else None
                 if kind is None:
+                    expected = (
+                        "timestamps" if role == "time"
+                        else "ids" if role != "event"
+                        else "event names"
+                    )
                     raise PrepError(
                         f"{file.url}: column {name!r} ({role}) has type {dtype}, which cannot "
-                        f"hold {'timestamps' if role == 'time' else 'ids' if role != 'event' else 'event names'}"
+                        f"hold {expected}"
                     )
                 kinds[role] = kind
             return InputFile(**{**file.__dict__, "rows": int(meta.num_rows)}), kinds

@@ -1,8 +1,9 @@
 """Ids as 64-bit keys, the bucket of a user, and the natural order of original ids.
 
 Within a build every id travels as an int64 *key*: an integer id is its own key (so is a user
-id string that is a plain decimal integer); another string id's key is a 64-bit hash of its text (Polars' hash with fixed seeds: deterministic for one Polars
-version, which the plan records and every stage checks). Hash collisions are not assumed away.
+id string that is a plain decimal integer); another string id's key is a 64-bit hash of its
+text (Polars' hash with fixed seeds: deterministic for one Polars version, which the plan
+records and every stage checks). Hash collisions are not assumed away.
 
 Collisions are found with a second, independent hash (``check``): the tables of distinct ids
 that stages pass on hold one (key, check, text) row per distinct (key, check) pair, so two texts

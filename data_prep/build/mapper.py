@@ -95,7 +95,8 @@ def run_map(
 
 @dataclass
 class _Part:
-    """One batch's valid rows, sorted by bucket: bucket b is ``columns[c][bounds[b]:bounds[b + 1]]``."""
+    """One batch's valid rows, sorted by bucket: bucket b is
+    ``columns[c][bounds[b]:bounds[b + 1]]``."""
 
     columns: dict[str, np.ndarray]
     bounds: np.ndarray

@@ -146,7 +146,8 @@ def ensure_plan(config: BuildConfig, work: Store, *, reset: bool) -> Plan:
         if not reset:
             raise PrepError(
                 f"{work.show()} holds the unfinished work of a different build (other config or "
-                f"changed inputs); run the plan stage (or the whole build) to start over, or remove it"
+                "changed inputs); run the plan stage (or the whole build) to start over, "
+                "or remove it"
             )
         work.rm()
     plan = make_plan(config, inputs)
@@ -173,14 +174,16 @@ def describe(plan: Plan) -> str:
     ]
     lines += [f"         reconciled: {n}" for n in plan.notes]
     cutoff = f"max_time {c.max_time}" if c.max_time else "each file's modification time + 1 day"
+    repeats = "exact repeats of (user, item, time" + (", event)" if c.event_col else ")")
     lines += [
         f"reject:  wrong column count, malformed JSON, null/bad ids, null/bad/negative timestamps, "
         f"timestamps after {cutoff}; fail above {c.max_reject_share:.2%} rejected",
-        f"dedupe:  {'exact repeats of (user, item, time' + (', event)' if c.event_col else ')') if c.dedupe else 'off'}",
+        f"dedupe:  {repeats if c.dedupe else 'off'}",
         f"k-core:  users >= {c.min_user_interactions}, items >= {c.min_item_interactions} "
         f"interactions, repeated until stable",
         f"order:   by time, ties by item id{' then event' if c.event_col else ''}; "
-        f"keep {'all items' if c.max_len is None else f'the most recent {c.max_len} items'} per user",
+        f"keep {'all items' if c.max_len is None else f'the most recent {c.max_len} items'}"
+        " per user",
         f"ids:     items 1..N in natural order of the original ids; users: {c.user_ids}",
         f"stages:  map (hash users into {plan.buckets} bucket(s)), reduce (per bucket), k-core, "
         f"write ({c.shards} shard(s), {c.compression}), commit",

@@ -43,7 +43,9 @@ def run_reduce(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Reduce the buckets ``worker, worker + workers, ...``; done buckets are skipped."""
-    todo = pending_units(plan.buckets, worker, workers, lambda b: work.exists(layout.reduce_name(b, "done.json")))
+    todo = pending_units(
+        plan.buckets, worker, workers, lambda b: work.exists(layout.reduce_name(b, "done.json"))
+    )
     if not todo:
         return
     markers = map_markers(work)
@@ -231,5 +233,6 @@ def _check_sorted(cols: list[np.ndarray], bucket: int) -> None:
     if not ok.all():
         where = int(np.flatnonzero(~ok)[0])
         raise PrepError(
-            f"bucket {bucket}: rows {where} and {where + 1} are out of order after sorting (a bug; please report)"
+            f"bucket {bucket}: rows {where} and {where + 1} are out of order after sorting "
+            "(a bug; please report)"
         )

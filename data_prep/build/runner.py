@@ -108,7 +108,10 @@ def run_stage(config: BuildConfig, stage: str, worker: int, workers: int) -> str
         return f"{config.output} is complete (manifest.json); nothing to do"
     plan, out, work = plan_for(config, reset=stage == "plan")
     if stage == "plan":
-        return f"planned {len(plan.inputs)} input file(s) into {plan.buckets} bucket(s): {work.show('plan.json')}"
+        return (
+            f"planned {len(plan.inputs)} input file(s) into {plan.buckets} bucket(s): "
+            f"{work.show('plan.json')}"
+        )
     if stage == "map":
         run_map(plan, work, out, worker, workers)
         return f"map worker {worker} of {workers} done"

@@ -38,7 +38,9 @@ def run_write(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write shards ``worker, worker + workers, ...``; written shards are skipped."""
-    todo = pending_units(plan.config.shards, worker, workers, lambda s: work.exists(layout.write_done(s)))
+    todo = pending_units(
+        plan.config.shards, worker, workers, lambda s: work.exists(layout.write_done(s))
+    )
     if not todo:
         return
     if not work.exists(layout.KCORE_DONE):

@@ -105,7 +105,8 @@ def build_engine(model: ELCRec, config: ExperimentConfig) -> Any:
         model_parameters=[p for p in objective.parameters() if p.requires_grad],
         config=deepspeed_config(config, dist_utils.world_size()),
     )
-    attach_item_exchange(engine, config)  # deepspeed.item_exchange: how the table's gradient travels
+    # deepspeed.item_exchange: how the table's gradient travels
+    attach_item_exchange(engine, config)
     # DeepSpeed's own reader unpickles with weights_only=False: code in a planted file would run
     engine.checkpoint_engine = safe_checkpoint_engine()
     return engine
@@ -162,7 +163,9 @@ def train_step(
     device = engine.device
     shard = dist_utils.batch_shard(batch.inputs.shape[0], device=device,
                                    local_negatives=config.loss.negatives == "local")
-    batch = TrainBatch(*(t.to(device) for t in (batch.inputs, batch.targets, batch.negatives, batch.views)))
+    batch = TrainBatch(
+        *(t.to(device) for t in (batch.inputs, batch.targets, batch.negatives, batch.views))
+    )
     terms = engine(batch, shard, record)  # this rank's contributions; they sum to the terms
     total = weighted_total(terms, config.loss)
     # DeepSpeed averages gradients over ranks; the global loss is the *sum* of contributions.

@@ -130,8 +130,10 @@ class SparseExchange(ItemExchange):
             raise ConfigError(f"deepspeed.item_exchange={self.name} needs deepspeed.zero_stage 0")
         # mirror DeepSpeed's default averaging only; anything else would need its other branches
         if not (engine.gradient_average and engine.postscale_gradients()):
-            raise ConfigError("deepspeed.item_exchange: sparse exchange mirrors DeepSpeed's default "
-                              "gradient averaging (post-scaled mean); this engine is set otherwise")
+            raise ConfigError(
+                "deepspeed.item_exchange: sparse exchange mirrors DeepSpeed's default "
+                "gradient averaging (post-scaled mean); this engine is set otherwise"
+            )
         table = item_table(engine)
         if table.dtype != torch.float32:
             raise ConfigError(f"deepspeed.item_exchange: sparse exchange needs an fp32 item table, "

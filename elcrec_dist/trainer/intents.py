@@ -37,7 +37,9 @@ class IntentSource:
     trainable: ClassVar[bool]
     normalised_assignment: ClassVar[bool]
 
-    def start(self, model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> dict[str, float] | None:
+    def start(
+        self, model: ELCRec, data: StreamingDataset, config: ExperimentConfig
+    ) -> dict[str, float] | None:
         """Set the centres before the first step of a fresh run; returns what to log, or None
         when there was nothing to do."""
         return None
@@ -58,7 +60,9 @@ class LearnedIntents(IntentSource):
     trainable = True
     normalised_assignment = True
 
-    def start(self, model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> dict[str, float]:
+    def start(
+        self, model: ELCRec, data: StreamingDataset, config: ExperimentConfig
+    ) -> dict[str, float]:
         return init_centres(model, data, config)
 
     def after_step(self, engine: Any) -> None:
@@ -91,20 +95,30 @@ def intent_source(name: str) -> IntentSource:
                           f"(known: {', '.join(INTENT_SOURCES)})") from None
 
 
-def init_centres(model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> dict[str, float]:
-    """``learned``: k-means start on a bounded sample gathered from every rank (its size does not grow
-    with the data). This runs before the engine exists, so the parameter written here is
+def init_centres(
+    model: ELCRec, data: StreamingDataset, config: ExperimentConfig
+) -> dict[str, float]:
+    """``learned``: k-means start on a bounded sample gathered from every rank (its size does not
+    grow with the data). This runs before the engine exists, so the parameter written here is
     the value every optimizer copy starts from."""
     km, k = config.kmeans, model.config.num_clusters
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    sample = data.sample_sequences(rank=rank, world=world, count=km.sample_users, seed=config.train.seed)
+    sample = data.sample_sequences(
+        rank=rank, world=world, count=km.sample_users, seed=config.train.seed
+    )
     device = model.cluster_centers.device
-    local = F.normalize(pooled_embeddings(model, sample.sequences, batch_size=km.batch_size), dim=-1).to(device)
-    embeddings = dist_utils.gather_rows(local, dist_utils.row_counts(local.shape[0], device))  # [S, D]
+    local = F.normalize(
+        pooled_embeddings(model, sample.sequences, batch_size=km.batch_size), dim=-1
+    ).to(device)
+    embeddings = dist_utils.gather_rows(
+        local, dist_utils.row_counts(local.shape[0], device)
+    )  # [S, D]
     if embeddings.shape[0] < k:
         raise ValueError(f"k-means start needs at least model.num_clusters={k} users, "
                          f"the sample has {embeddings.shape[0]}")
-    inertia = centres_from_kmeans(model, embeddings, config, seed=config.train.seed, on_cpu=True, normalize=True)
+    inertia = centres_from_kmeans(
+        model, embeddings, config, seed=config.train.seed, on_cpu=True, normalize=True
+    )
     return {"kmeans/inertia": inertia, "kmeans/sample_users": float(embeddings.shape[0])}
 
 
@@ -123,8 +137,14 @@ def refresh_intents(model: ELCRec, data: StreamingDataset, config: ExperimentCon
         raise ValueError(f"epoch k-means needs at least model.num_clusters={k} users, "
                          f"the dataset has {embeddings.shape[0]}")
     # on the model's device (ICLRec ran faiss on the GPU)
-    inertia = centres_from_kmeans(model, embeddings, config, seed=epoch_kmeans_seed(config.train.seed, epoch),
-                                  on_cpu=False, normalize=False)
+    inertia = centres_from_kmeans(
+        model,
+        embeddings,
+        config,
+        seed=epoch_kmeans_seed(config.train.seed, epoch),
+        on_cpu=False,
+        normalize=False,
+    )
     return {"kmeans/inertia": inertia, "kmeans/users": float(embeddings.shape[0])}
 
 
@@ -140,8 +160,13 @@ def centres_from_kmeans(model: ELCRec, embeddings: torch.Tensor, config: Experim
     if dist_utils.is_main():
         generator = torch.Generator().manual_seed(seed)
         points = embeddings.cpu() if on_cpu else embeddings
-        result = kmeans(points, model.config.num_clusters, iterations=km.iterations, restarts=km.restarts,
-                        generator=generator)
+        result = kmeans(
+            points,
+            model.config.num_clusters,
+            iterations=km.iterations,
+            restarts=km.restarts,
+            generator=generator,
+        )
         centres.copy_(F.normalize(result.centres, dim=-1) if normalize else result.centres)
         inertia.fill_(result.inertia)
     dist_utils.broadcast_(centres)
@@ -152,13 +177,16 @@ def centres_from_kmeans(model: ELCRec, embeddings: torch.Tensor, config: Experim
 
 
 def epoch_kmeans_seed(seed: int, epoch: int) -> int:
-    """Seed of the k-means of ``epoch`` (``model.intents: epoch_kmeans``), the same on every rank."""
+    """Seed of the k-means of ``epoch`` (``model.intents: epoch_kmeans``), the same on every
+    rank."""
     state = np.random.SeedSequence([seed, 0x6B6D, epoch]).generate_state(1, dtype=np.uint64)
     return int(state[0] >> 1)
 
 
 @torch.no_grad()
-def all_user_embeddings(model: ELCRec, data: StreamingDataset, config: ExperimentConfig) -> torch.Tensor:
+def all_user_embeddings(
+    model: ELCRec, data: StreamingDataset, config: ExperimentConfig
+) -> torch.Tensor:
     """L2-normalised pooled embeddings of every training input, gathered in rank order.
 
     Each rank embeds its evaluation share (disjoint shares that hold every user once):

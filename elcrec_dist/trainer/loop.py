@@ -80,8 +80,12 @@ class Trainer:
         self.resume = resume  # None: start afresh; "required" / "auto": see Checkpointer.find
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.intents = intent_source(config.model.intents)
-        self.checkpointer = Checkpointer(config.train.run_dir, config=config,
-                                         dataset=data.info.fingerprint(), before_commit=run_log.sync)
+        self.checkpointer = Checkpointer(
+            config.train.run_dir,
+            config=config,
+            dataset=data.info.fingerprint(),
+            before_commit=run_log.sync,
+        )
         self.state = TrainState(world_size=self.world)
         self.nonfinite_in_row = 0  # steps skipped in a row for a non-finite loss or gradient
         self.nonfinite_steps = 0  # all steps skipped so far by this process
@@ -94,8 +98,10 @@ class Trainer:
         started, train = time.time(), self.config.train
         stop = self.restore_or_start() and self.state.bad_evals >= train.patience
         if stop:  # killed after its last checkpoint with only the test pass left
-            logger.info("training had stopped early (best epoch %d); evaluating the best model on test",
-                        self.state.best_epoch)
+            logger.info(
+                "training had stopped early (best epoch %d); evaluating the best model on test",
+                self.state.best_epoch,
+            )
         last = self.state.epoch if stop else train.epochs
         epochs = range(self.state.epoch, last)
         with dist_utils.stop_requests():  # SIGTERM: checkpoint at the next step, exit 75
@@ -113,9 +119,17 @@ class Trainer:
                     break
         test = self.test_best()
         state = self.state
-        return FitResult(state.best_epoch, state.best_metric, state.epoch, test, state.valid_history,
-                         time.time() - started, state.global_step, time_split=dict(state.seconds),
-                         peak_memory=dist_utils.peak_memory(self.device))
+        return FitResult(
+            state.best_epoch,
+            state.best_metric,
+            state.epoch,
+            test,
+            state.valid_history,
+            time.time() - started,
+            state.global_step,
+            time_split=dict(state.seconds),
+            peak_memory=dist_utils.peak_memory(self.device),
+        )
 
     def restore_or_start(self) -> bool:
         """Build the model; continue from the newest complete checkpoint when resuming, else let
@@ -134,7 +148,9 @@ class Trainer:
         self.engine = build_engine(self.model, self.config)
         if restored is not None:
             self.continue_from(restored)
-        self.wins = CentreWins(self.config.model.num_clusters, self.device, restored=self.state.centre_wins)
+        self.wins = CentreWins(
+            self.config.model.num_clusters, self.device, restored=self.state.centre_wins
+        )
         return restored is not None
 
     def start_intents(self) -> None:
@@ -159,12 +175,25 @@ class Trainer:
         clustering_s = self.refresh_intents(epoch)
         self.model.train()
         started, seen = time.time(), 0
-        batches = self.data.train_batches(epoch=epoch, rank=self.rank, world=self.world, batch_size=train.batch_size,
-                                          seed=train.seed, start_step=state.step_in_epoch)
+        batches = self.data.train_batches(
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world,
+            batch_size=train.batch_size,
+            seed=train.seed,
+            start_step=state.step_in_epoch,
+        )
         for step_in_epoch, users in batches:
             record: dict[str, torch.Tensor] = {}
-            terms = run_step(self.engine, users.sequences, self.config, num_items=self.data.info.num_items,
-                             rank=self.rank, global_step=state.global_step, record=record)
+            terms = run_step(
+                self.engine,
+                users.sequences,
+                self.config,
+                num_items=self.data.info.num_items,
+                rank=self.rank,
+                global_step=state.global_step,
+                record=record,
+            )
             applied = self.count_nonfinite(record)  # a skipped step still uses up its batch
             if applied and "assignment" in record:
                 self.wins.add(record["assignment"])
@@ -179,7 +208,9 @@ class Trainer:
                 self.save_checkpoint()
             if stop:
                 raise self.stopped()
-        self.close_epoch(epoch, seconds=max(time.time() - started, 1e-9), seen=seen, clustering_s=clustering_s)
+        self.close_epoch(
+            epoch, seconds=max(time.time() - started, 1e-9), seen=seen, clustering_s=clustering_s
+        )
 
     def refresh_intents(self, epoch: int) -> float:
         """The intent source's epoch start (not mid-epoch: the checkpoint holds this epoch's
@@ -269,10 +300,19 @@ class Trainer:
         state = self.state
         state.seconds["train"] += seconds
         total_seen = dist_utils.all_reduce_sums({"seen": float(seen)}, self.device)["seen"]
-        self.run_log.log({"train/sequences_per_s": total_seen / seconds, "train/epoch": epoch,
-                          "time/clustering_s": clustering_s, "time/train_s": seconds}, step=state.global_step)
+        self.run_log.log(
+            {
+                "train/sequences_per_s": total_seen / seconds,
+                "train/epoch": epoch,
+                "time/clustering_s": clustering_s,
+                "time/train_s": seconds,
+            },
+            step=state.global_step,
+        )
         wins = self.wins.close_epoch()
-        self.run_log.log(centre_stats(self.model.cluster_centers.detach(), wins), step=state.global_step)
+        self.run_log.log(
+            centre_stats(self.model.cluster_centers.detach(), wins), step=state.global_step
+        )
         self.run_log.histogram("centres/users_per_centre", wins.cpu(), step=state.global_step)
         state.epoch, state.step_in_epoch, state.centre_wins = epoch + 1, 0, []
 
@@ -280,7 +320,9 @@ class Trainer:
         """Validation pass; keeps the best model. Returns whether to stop early."""
         state, select = self.state, self.config.eval.select_metric
         t0 = time.perf_counter()
-        valid = evaluate_sharded(self.model, self.data, self.config, split="valid", device=self.device)
+        valid = evaluate_sharded(
+            self.model, self.data, self.config, split="valid", device=self.device
+        )
         eval_s = time.perf_counter() - t0
         state.seconds["eval"] += eval_s
         self.run_log.log({**{f"valid/{k}": v for k, v in valid.items()}, "time/eval_s": eval_s},
@@ -302,7 +344,9 @@ class Trainer:
         """The best-validation model on test (the model as trained if validation never ran)."""
         dist_utils.barrier()
         self.checkpointer.load_best(self.model)
-        test = evaluate_sharded(self.model, self.data, self.config, split="test", device=self.device)
+        test = evaluate_sharded(
+            self.model, self.data, self.config, split="test", device=self.device
+        )
         self.run_log.log({f"test/{k}": v for k, v in test.items()}, step=self.state.global_step)
         self.state.finished = True
         return test
@@ -319,8 +363,14 @@ def verify_data(data: StreamingDataset) -> None:
                            "Rebuild or copy the dataset again")
 
 
-def fit(config: ExperimentConfig, data: StreamingDataset, *, device: torch.device, run_log: RunLogger,
-        resume: str | None = None) -> tuple[FitResult, ELCRec]:
+def fit(
+    config: ExperimentConfig,
+    data: StreamingDataset,
+    *,
+    device: torch.device,
+    run_log: RunLogger,
+    resume: str | None = None,
+) -> tuple[FitResult, ELCRec]:
     """Train ``config`` on ``data`` (see ``Trainer.fit``); returns the result and the best model."""
     trainer = Trainer(config, data, device=device, run_log=run_log, resume=resume)
     return trainer.fit(), trainer.model

@@ -35,7 +35,9 @@ def train(config: ExperimentConfig, data: StreamingDataset, *, device: torch.dev
     Collective."""
     info = data.info
     if resume:
-        Checkpointer(config.train.run_dir, config=config, dataset=info.fingerprint()).check_resumable()
+        Checkpointer(
+            config.train.run_dir, config=config, dataset=info.fingerprint()
+        ).check_resumable()
     verify_data(data)
     with hold_run_folder(config.train.run_dir):
         run_dir = prepare_run_dir(config)
@@ -74,9 +76,13 @@ def diagnostics(model: ELCRec, data: StreamingDataset, config: ExperimentConfig,
     out: dict[str, Any] = {"popularity_test": popularity_sharded(data, config, device=device)}
     planted = read_planted(data.url)
     if planted is not None and dist_utils.is_main():
-        sample = data.sample_sequences(rank=0, world=1, count=config.kmeans.sample_users, seed=config.train.seed + 1)
+        sample = data.sample_sequences(
+            rank=0, world=1, count=config.kmeans.sample_users, seed=config.train.seed + 1
+        )
         labels = np.asarray(planted.for_users(sample.user_ids))
-        out["intent_recovery"] = intent_recovery(model, sample.sequences, labels, seed=config.train.seed)
+        out["intent_recovery"] = intent_recovery(
+            model, sample.sequences, labels, seed=config.train.seed
+        )
     return out
 
 

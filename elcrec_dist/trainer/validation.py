@@ -53,7 +53,9 @@ def valid_sample_seed(seed: int) -> int:
     return int(state[0] >> 1)
 
 
-def user_chunks(data: StreamingDataset, config: ExperimentConfig, *, split: Split) -> Iterator[UserRows]:
+def user_chunks(
+    data: StreamingDataset, config: ExperimentConfig, *, split: Split
+) -> Iterator[UserRows]:
     """This rank's users for ``split`` in chunks of ``eval.batch_size``: every user, or for
     ``valid`` with ``eval.valid_users`` set (and smaller than the dataset) this rank's part of
     the seeded sample. Disjoint over ranks; together every user (or the sample) once."""

@@ -141,7 +141,9 @@ def match_items(old: pa.Array, new: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return new_pos, old_pos
 
 
-def plan_warm_start(config: ExperimentConfig, info: DatasetInfo, url: str) -> tuple[Source, ItemMatch]:
+def plan_warm_start(
+    config: ExperimentConfig, info: DatasetInfo, url: str
+) -> tuple[Source, ItemMatch]:
     """Everything a warm start needs, checked: the source model, and which items carry over.
     Raises ``WarmStartError`` (exit 2) for a model that does not fit or builds without id maps."""
     source = read_source(config.train.init_from)
@@ -172,7 +174,9 @@ def check_init_from(config: ExperimentConfig, info: DatasetInfo, url: str) -> No
 
 
 @torch.no_grad()
-def warm_start(model: ELCRec, config: ExperimentConfig, info: DatasetInfo, url: str) -> dict[str, float]:
+def warm_start(
+    model: ELCRec, config: ExperimentConfig, info: DatasetInfo, url: str
+) -> dict[str, float]:
     """Write the earlier run's weights into the freshly initialised ``model`` (its item table
     [N_new + 1, D]): matched items' rows, the padding row and every other tensor exactly; new
     items keep their fresh rows. Every rank does the same. Returns what to log."""
@@ -185,5 +189,7 @@ def warm_start(model: ELCRec, config: ExperimentConfig, info: DatasetInfo, url: 
     rest = {name: tensor for name, tensor in source.state.items() if name != TABLE}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     if missing != [TABLE] or unexpected:  # check_model saw every tensor; never expected here
-        raise WarmStartError(f"--init-from {source.path}: tensors missing {missing}, unexpected {unexpected}")
+        raise WarmStartError(
+            f"--init-from {source.path}: tensors missing {missing}, unexpected {unexpected}"
+        )
     return match.figures()

@@ -2,14 +2,14 @@
 
     python -m launcher.k8s render --config configs/beauty.yaml --nodes 4 --gpus-per-node 8 \\
         --image REGISTRY/elcrec-dist@sha256:DIGEST --data s3://BUCKET/datasets/beauty \\
-        --run-dir s3://BUCKET/runs/beauty-4x8            # prints the manifests (YAML)
+        --run-dir s3://BUCKET/runs/beauty-4x8          # prints the manifests (YAML)
         [--kubeflow | --trainjob] [--queue LOCALQUEUE] [--priority-class NAME]
     python -m launcher.k8s submit ...same flags... [--context CTX]   # applies; prints the job name
-    python -m launcher.k8s status NAME [--wait]          # job and pods; --wait exits 0 done, 1 failed
+    python -m launcher.k8s status NAME [--wait]        # job and pods; --wait exits 0 done, 1 failed
     python -m launcher.k8s logs NAME [--index 0] [--follow]
     python -m launcher.k8s prep render|submit --name shop --input 's3://BUCKET/logs/*.parquet' \\
         --output s3://BUCKET/datasets/shop --map-workers 32 --reduce-workers 16 --write-workers 8 \\
-        --image IMG@sha256:DIGEST                        # plan, map, reduce, kcore, write, commit
+        --image IMG@sha256:DIGEST                      # plan, map, reduce, kcore, write, commit
 
 Exit codes: 0 ok; 2 bad options or config, no kubectl, no kube context, a job that already exists;
 75 the API server could not be reached; 1 a job that failed or another kubectl error.
@@ -69,7 +69,8 @@ def resolved_config_yaml(config_path: str, overrides: Sequence[str]) -> tuple[st
     header = (
         f"# Resolved by `python -m launcher.k8s render` from {config_path}"
         + (f" with --set {' --set '.join(overrides)}" if overrides else "")
-        + ".\n# data.path and train.run_dir come from --data / --run-dir (ELCREC_DATA, ELCREC_RUN_DIR).\n"
+        + ".\n# data.path and train.run_dir come from --data / --run-dir "
+        "(ELCREC_DATA, ELCREC_RUN_DIR).\n"
     )
     return config.name, header + yaml.safe_dump(config.to_dict(), sort_keys=False)
 
@@ -81,7 +82,9 @@ def pod_options(args: argparse.Namespace) -> m.PodOptions:
         image_pull_policy=args.image_pull_policy,
         service_account=args.service_account,
         s3_secret=args.s3_secret,
-        node_selector=tuple(m.parse_key_value(t, what="--node-selector") for t in args.node_selector),
+        node_selector=tuple(
+            m.parse_key_value(t, what="--node-selector") for t in args.node_selector
+        ),
         tolerations=tuple(m.parse_toleration(t) for t in args.toleration),
         image_pull_secrets=tuple(args.image_pull_secret),
         allow_mutable_image=args.allow_mutable_image,
@@ -159,7 +162,9 @@ def prep_stages(text: str) -> list[str]:
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in m.PREP_STAGES]
     if unknown or not stages:
-        raise ConfigError(f"--stages {text!r}: expected a comma-separated subset of {','.join(m.PREP_STAGES)}")
+        raise ConfigError(
+            f"--stages {text!r}: expected a comma-separated subset of {','.join(m.PREP_STAGES)}"
+        )
     return [s for s in m.PREP_STAGES if s in stages]  # always in pipeline order
 
 
@@ -169,7 +174,9 @@ def job_state(job: dict[str, Any]) -> str:
     """Complete, Failed, Suspended, Running or Pending, from a Job's (PyTorchJob's, TrainJob's)
     status."""
     status = job.get("status") or {}
-    true_conditions = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
+    true_conditions = {
+        c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"
+    }
     for state in ("Failed", "Complete", "Succeeded", "Suspended"):
         if state in true_conditions:
             return "Complete" if state == "Succeeded" else state
@@ -198,10 +205,15 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "index": pod_index(pod),
         "phase": status.get("phase", "Unknown"),
         "node": (pod.get("spec") or {}).get("nodeName"),
-        "restarts": sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or []),
+        "restarts": sum(
+            int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or []
+        ),
     }
     for c in status.get("containerStatuses") or []:
-        terminated = (c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated")
+        terminated = (
+            (c.get("state") or {}).get("terminated")
+            or (c.get("lastState") or {}).get("terminated")
+        )
         if terminated:
             summary["exit_code"] = terminated.get("exitCode")
             summary["reason"] = terminated.get("reason")
@@ -237,16 +249,24 @@ def summarize(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     lines = []
     for job in summary["jobs"]:
-        done = f"{job['succeeded']}/{job['completions']}" if job["completions"] is not None else str(job["succeeded"])
+        done = (
+            f"{job['succeeded']}/{job['completions']}"
+            if job["completions"] is not None
+            else str(job["succeeded"])
+        )
         lines.append(f"{job['kind'].lower()} {job['name']}: {job['state']} (succeeded {done}, "
                      f"failed {job['failed']}, active {job['active']})")
         for c in job["conditions"]:
             if c["status"] == "True":
-                lines.append(f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}".rstrip())
+                lines.append(
+                    f"  {c['type']}: {c.get('reason') or ''} {c.get('message') or ''}".rstrip()
+                )
     for pod in summary["pods"]:
         extra = f" exit {pod['exit_code']} ({pod['reason']})" if "exit_code" in pod else ""
-        lines.append(f"  pod {pod['name']} index {pod['index']}: {pod['phase']} node {pod['node'] or '-'} "
-                     f"restarts {pod['restarts']}{extra}")
+        lines.append(
+            f"  pod {pod['name']} index {pod['index']}: {pod['phase']} node {pod['node'] or '-'} "
+            f"restarts {pod['restarts']}{extra}"
+        )
     return "\n".join(lines) if lines else "nothing found"
 
 
@@ -259,7 +279,10 @@ def wait_for_job(kubectl: Kubectl, kind: str, name: str, *, poll_s: float, timeo
         job = kubectl.json(["get", kind, name])
         state = job_state(job)
         status = job.get("status") or {}
-        line = f"{name}: {state} (succeeded {status.get('succeeded', 0)}/{(job.get('spec') or {}).get('completions', '?')})"
+        line = (
+            f"{name}: {state} (succeeded {status.get('succeeded', 0)}/"
+            f"{(job.get('spec') or {}).get('completions', '?')})"
+        )
         if line != last:
             report(line)
             last = line
@@ -364,22 +387,34 @@ def cmd_prep_submit(args: argparse.Namespace) -> int:
     stages = prep_stages(args.stages)
     kubectl = _kubectl(args)
     if spec.prep_config_yaml is not None:
-        print(kubectl.run(["apply", "-f", "-"], stdin=dump_yaml([m.prep_config_map(spec)])).rstrip(), file=sys.stderr)
+        print(
+            kubectl.run(["apply", "-f", "-"], stdin=dump_yaml([m.prep_config_map(spec)])).rstrip(),
+            file=sys.stderr,
+        )
     for stage in stages:
         name = spec.job_name(stage)
         existing = kubectl.run(["get", "job", name, "--ignore-not-found", "-o", "json"]).strip()
         if existing:
             state = job_state(json.loads(existing))
             if state != "Complete":
-                raise ConfigError(f"job {name} already exists ({state}); delete it (kubectl delete job {name}) to rerun the stage")
+                raise ConfigError(
+                    f"job {name} already exists ({state}); "
+                    f"delete it (kubectl delete job {name}) to rerun the stage"
+                )
             print(f"{name}: already complete, skipped", file=sys.stderr)
             continue
-        print(kubectl.run(["apply", "-f", "-"], stdin=dump_yaml([m.prep_job(spec, stage)])).rstrip(), file=sys.stderr)
+        print(
+            kubectl.run(["apply", "-f", "-"], stdin=dump_yaml([m.prep_job(spec, stage)])).rstrip(),
+            file=sys.stderr,
+        )
         state = wait_for_job(kubectl, "job", name, poll_s=args.poll_s, timeout_s=args.timeout_s,
                              report=lambda line: print(line, file=sys.stderr, flush=True))
         if state == "Failed":
-            print(f"error: stage {stage} failed; see `python -m launcher.k8s status {spec.name}` and "
-                  f"`python -m launcher.k8s logs {spec.name} --stage {stage} --index N`", file=sys.stderr)
+            print(
+                f"error: stage {stage} failed; see `python -m launcher.k8s status {spec.name}` and "
+                f"`python -m launcher.k8s logs {spec.name} --stage {stage} --index N`",
+                file=sys.stderr,
+            )
             return 1
     print(spec.output.path)
     return 0
@@ -395,12 +430,17 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 def _pod_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="container image built from k8s/Dockerfile")
-    p.add_argument("--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"))
+    p.add_argument(
+        "--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never")
+    )
     p.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME")
     p.add_argument("--service-account", help="pod identity for S3 (IRSA, Workload Identity, ...)")
-    p.add_argument("--s3-secret", default="elcrec-s3",
-                   help="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, "
-                        "...) become env; optional, '' to omit (default elcrec-s3)")
+    p.add_argument(
+        "--s3-secret",
+        default="elcrec-s3",
+        help="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, "
+        "...) become env; optional, '' to omit (default elcrec-s3)",
+    )
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
     p.add_argument("--allow-mutable-image", action="store_true",
@@ -415,10 +455,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as for launcher/train.py (repeatable)")
     p.add_argument("--nodes", type=int, required=True, help="pods (machines)")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per pod (0: CPU ranks, see --procs-per-node)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        required=True,
+        help="GPUs per pod (0: CPU ranks, see --procs-per-node)",
+    )
     p.add_argument("--procs-per-node", type=int, help="ranks per pod (default: --gpus-per-node)")
-    p.add_argument("--data", required=True, help="prepared dataset: s3://BUCKET/PATH or pvc://CLAIM/PATH")
-    p.add_argument("--run-dir", required=True, help="run folder: s3://BUCKET/PATH or pvc://CLAIM/PATH")
+    p.add_argument("--data", required=True,
+                   help="prepared dataset: s3://BUCKET/PATH or pvc://CLAIM/PATH")
+    p.add_argument("--run-dir", required=True,
+                   help="run folder: s3://BUCKET/PATH or pvc://CLAIM/PATH")
     p.add_argument("--name", help="job name (default elcrec-<config name>)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--kubeflow", action="store_true",
@@ -435,10 +482,26 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int,
                    help=f"rendezvous port (default {DEFAULT_MASTER_PORT}; a TrainJob's is "
                         f"{m.TRAINJOB_PORT})")
-    p.add_argument("--retries", type=int, default=3, help="gang restarts allowed (backoffLimit = nodes x retries)")
-    p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for launcher/train.py (repeatable; write --train-arg=--flag for one that starts with -)")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="omit the TensorBoard Deployment")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="gang restarts allowed (backoffLimit = nodes x retries)",
+    )
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for launcher/train.py "
+        "(repeatable; write --train-arg=--flag for one that starts with -)",
+    )
+    p.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="omit the TensorBoard Deployment",
+    )
     p.add_argument("--tensorboard-s3-secret", default="elcrec-s3-readonly",
                    help="TensorBoard's own, read-only storage Secret (optional; '' to omit; "
                         "default elcrec-s3-readonly); never the trainer's --s3-secret")
@@ -449,20 +512,35 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _prep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="raw logs: s3://BUCKET/GLOB or pvc://CLAIM/GLOB")
-    p.add_argument("--output", required=True, help="dataset folder: s3://BUCKET/PATH or pvc://CLAIM/PATH")
+    p.add_argument("--output", required=True,
+                   help="dataset folder: s3://BUCKET/PATH or pvc://CLAIM/PATH")
     p.add_argument("--name", required=True, help="prefix of the stage jobs ({name}-prep-map, ...)")
     p.add_argument("--map-workers", type=int, required=True)
     p.add_argument("--reduce-workers", type=int, required=True)
-    p.add_argument("--write-workers", type=int, default=1, help="pods of the write stage (at most the dataset's shards)")
+    p.add_argument(
+        "--write-workers",
+        type=int,
+        default=1,
+        help="pods of the write stage (at most the dataset's shards)",
+    )
     p.add_argument("--parallelism", type=int, help="pods at once per stage (default: all workers)")
-    p.add_argument("--prep-config", help="data_prep YAML (configs/prep/...), mounted for every stage")
-    p.add_argument("--stages", default=",".join(m.PREP_STAGES), help=f"subset of {','.join(m.PREP_STAGES)}")
+    p.add_argument(
+        "--prep-config", help="data_prep YAML (configs/prep/...), mounted for every stage"
+    )
+    p.add_argument(
+        "--stages", default=",".join(m.PREP_STAGES), help=f"subset of {','.join(m.PREP_STAGES)}"
+    )
     p.add_argument("--cpu", default="2")
     p.add_argument("--memory", default="8Gi")
     p.add_argument("--scratch-size", default="50Gi", help="/tmp (spill) size per pod")
     p.add_argument("--retries", type=int, default=2, help="retries per worker index")
-    p.add_argument("--prep-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for data_prep.build, e.g. --prep-arg=--user-col=uid (repeatable)")
+    p.add_argument(
+        "--prep-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for data_prep.build, e.g. --prep-arg=--user-col=uid (repeatable)",
+    )
     _pod_args(p)
 
 
@@ -484,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the job and its pods")
     status.add_argument("name")
-    status.add_argument("--wait", action="store_true", help="until complete (exit 0) or failed (exit 1)")
+    status.add_argument(
+        "--wait", action="store_true", help="until complete (exit 0) or failed (exit 1)"
+    )
     status.add_argument("--poll-s", type=float, default=15.0)
     status.add_argument("--output", "-o", choices=("text", "json"), default="text")
     status.add_argument("--kubeflow", action="store_true", help="also list PyTorchJobs")
@@ -494,8 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", help="logs of one pod (the newest try of a node index)")
     logs.add_argument("name")
-    logs.add_argument("--index", type=int, default=0, help="node (or prep worker) index (default 0: rank 0)")
-    logs.add_argument("--stage", choices=m.PREP_STAGES, help="a data-prep stage instead of training")
+    logs.add_argument(
+        "--index", type=int, default=0, help="node (or prep worker) index (default 0: rank 0)"
+    )
+    logs.add_argument(
+        "--stage", choices=m.PREP_STAGES, help="a data-prep stage instead of training"
+    )
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--tail", type=int)
     _cluster_args(logs)

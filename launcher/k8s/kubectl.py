@@ -24,7 +24,8 @@ INSTALL_HINT = (
 )
 _CONNECTION_TROUBLE = (
     "unable to connect to the server", "connection refused", "i/o timeout", "tls handshake timeout",
-    "no such host", "context deadline exceeded", "connection reset", "the server is currently unable",
+    "no such host", "context deadline exceeded", "connection reset",
+    "the server is currently unable",
 )
 
 
@@ -42,7 +43,9 @@ class KubectlError(RuntimeError):
         self.stderr = stderr.strip()
         lowered = self.stderr.lower()
         self.exit_code = EXIT_RETRYABLE if any(s in lowered for s in _CONNECTION_TROUBLE) else 1
-        super().__init__(f"`kubectl {' '.join(args)}` failed (exit {returncode}): {self.stderr or 'no message'}")
+        super().__init__(
+            f"`kubectl {' '.join(args)}` failed (exit {returncode}): {self.stderr or 'no message'}"
+        )
 
 
 def find_kubectl(explicit: str | None = None) -> str:
@@ -70,7 +73,11 @@ class Kubectl:
 
     def run(self, args: Sequence[str], *, stdin: str | None = None, namespaced: bool = True) -> str:
         proc = subprocess.run(
-            self.command(args, namespaced=namespaced), input=stdin, capture_output=True, text=True, check=False,
+            self.command(args, namespaced=namespaced),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise KubectlError(args, proc.returncode, proc.stderr)
@@ -102,9 +109,13 @@ class Kubectl:
             current = self.run(["config", "current-context"], namespaced=False).strip()
         except KubectlError as exc:
             raise KubectlMissing(
-                f"no current kube context ({exc.stderr or 'kubectl config current-context failed'}): "
-                "run `kubectl config use-context NAME`, point KUBECONFIG at a kubeconfig, or pass --context"
+                "no current kube context "
+                f"({exc.stderr or 'kubectl config current-context failed'}): "
+                "run `kubectl config use-context NAME`, point KUBECONFIG at a kubeconfig, "
+                "or pass --context"
             ) from exc
         if not current:
-            raise KubectlMissing("no current kube context: run `kubectl config use-context NAME` or pass --context")
+            raise KubectlMissing(
+                "no current kube context: run `kubectl config use-context NAME` or pass --context"
+            )
         return current

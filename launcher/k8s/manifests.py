@@ -111,7 +111,9 @@ def parse_location(text: str, *, what: str) -> Location:
     if text.startswith("pvc://"):
         claim, _, rest = text[len("pvc://"):].partition("/")
         if not _NAME.match(claim) or len(claim) > 63:
-            raise ManifestError(f"{what}: {claim!r} in {text!r} is not a valid PersistentVolumeClaim name")
+            raise ManifestError(
+                f"{what}: {claim!r} in {text!r} is not a valid PersistentVolumeClaim name"
+            )
         rest = rest.strip("/")
         path = f"{PVC_ROOT}/{claim}" + (f"/{rest}" if rest else "")
         return Location(path=path, claim=claim)
@@ -143,7 +145,9 @@ def parse_toleration(text: str) -> Toleration:
     if not key.strip():
         raise ManifestError(f"--toleration {text!r}: no key")
     if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise ManifestError(f"--toleration {text!r}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+        raise ManifestError(
+            f"--toleration {text!r}: effect must be NoSchedule, PreferNoSchedule or NoExecute"
+        )
     return Toleration(key=key.strip(), value=value.strip() if sep else None, effect=effect or None)
 
 
@@ -278,7 +282,9 @@ class TrainSpec:
         if self.gpus_per_node < 0:
             raise ManifestError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if self.procs_per_node is None and self.gpus_per_node == 0:
-            raise ManifestError("--gpus-per-node 0 needs --procs-per-node (how many CPU ranks per pod)")
+            raise ManifestError(
+                "--gpus-per-node 0 needs --procs-per-node (how many CPU ranks per pod)"
+            )
         if self.procs_per_node is not None and self.procs_per_node < 1:
             raise ManifestError(f"--procs-per-node must be >= 1, got {self.procs_per_node}")
         if self.retries < 0:
@@ -325,8 +331,11 @@ class PrepSpec:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        for flag, value in (("--map-workers", self.map_workers), ("--reduce-workers", self.reduce_workers),
-                            ("--write-workers", self.write_workers)):
+        for flag, value in (
+            ("--map-workers", self.map_workers),
+            ("--reduce-workers", self.reduce_workers),
+            ("--write-workers", self.write_workers),
+        ):
             if value < 1:
                 raise ManifestError(f"{flag} must be >= 1, got {value}")
         if self.parallelism is not None and self.parallelism < 1:
@@ -346,7 +355,11 @@ class PrepSpec:
 
     def workers(self, stage: str) -> int | None:
         """Worker count of an indexed stage; None for the one-pod stages."""
-        return {"map": self.map_workers, "reduce": self.reduce_workers, "write": self.write_workers}.get(stage)
+        return {
+            "map": self.map_workers,
+            "reduce": self.reduce_workers,
+            "write": self.write_workers,
+        }.get(stage)
 
 
 def parse_prep_input(text: str) -> tuple[str, str | None]:
@@ -355,9 +368,13 @@ def parse_prep_input(text: str) -> tuple[str, str | None]:
         loc = parse_location(text, what="--input")
         return loc.path, loc.claim
     if "://" in text and not text.startswith("s3://"):
-        raise ManifestError(f"--input: {text!r}: only s3:// and pvc:// inputs are visible to every pod")
+        raise ManifestError(
+            f"--input: {text!r}: only s3:// and pvc:// inputs are visible to every pod"
+        )
     if "://" not in text:
-        raise ManifestError(f"--input: {text!r} is a local path; use s3://BUCKET/GLOB or pvc://CLAIM/GLOB")
+        raise ManifestError(
+            f"--input: {text!r} is a local path; use s3://BUCKET/GLOB or pvc://CLAIM/GLOB"
+        )
     return text, None
 
 
@@ -447,7 +464,9 @@ def _pvc_volumes(locations: Sequence[tuple[str | None, bool]]) -> tuple[list[Obj
     mounts: list[Obj] = []
     for claim, ro in read_only.items():
         loc = Location(path="", claim=claim)
-        volumes.append({"name": loc.volume_name, "persistentVolumeClaim": {"claimName": claim, "readOnly": ro}})
+        volumes.append(
+            {"name": loc.volume_name, "persistentVolumeClaim": {"claimName": claim, "readOnly": ro}}
+        )
         mount: Obj = {"name": loc.volume_name, "mountPath": loc.mount_path}
         if ro:
             mount["readOnly"] = True
@@ -463,9 +482,26 @@ def failure_policy(container: str) -> Obj:
     """Exit 2 fails the Job; disruptions are retried for free; exit 75 is retried and counted."""
     return {
         "rules": [
-            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PERMANENT]}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Count", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_RETRYABLE]}},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [EXIT_PERMANENT],
+                },
+            },
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+            {
+                "action": "Count",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [EXIT_RETRYABLE],
+                },
+            },
         ]
     }
 
@@ -490,7 +526,9 @@ def headless_service(spec: TrainSpec) -> Obj:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # peers must resolve pod 0 before anything is "ready"
             "selector": labels(spec.name, "trainer"),
-            "ports": [{"name": "rendezvous", "port": spec.master_port, "targetPort": spec.master_port}],
+            "ports": [
+                {"name": "rendezvous", "port": spec.master_port, "targetPort": spec.master_port}
+            ],
         },
     }
 
@@ -509,7 +547,12 @@ def trainer_container(spec: TrainSpec, *, name: str, kind: str) -> tuple[Obj, li
             {"name": "ELCREC_NUM_NODES", "value": str(spec.nodes)},
             *env[:1],
             # The Job controller labels its pods with the Job's name: no name to keep in sync here.
-            {"name": "ELCREC_JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+            {
+                "name": "ELCREC_JOB_NAME",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}
+                },
+            },
             {"name": "ELCREC_SERVICE_NAME", "value": spec.name},
             {"name": "ELCREC_MASTER_PORT", "value": str(spec.master_port)},
             *env[1:],
@@ -771,7 +814,9 @@ def tensorboard(spec: TrainSpec) -> list[Obj]:
             "selector": {"matchLabels": labels(spec.name, "tensorboard")},
             "template": {
                 "metadata": {"labels": labels(spec.name, "tensorboard")},
-                "spec": _pod_spec(pod, [container], volumes, restart="Always", gpu_toleration=False),
+                "spec": _pod_spec(
+                    pod, [container], volumes, restart="Always", gpu_toleration=False
+                ),
             },
         },
     }
@@ -805,7 +850,9 @@ def prep_config_map(spec: PrepSpec) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(spec.config_map, instance=spec.name, component="prep-config", pod=spec.pod),
+        "metadata": _meta(
+            spec.config_map, instance=spec.name, component="prep-config", pod=spec.pod
+        ),
         "data": {"prep.yaml": spec.prep_config_yaml},
     }
 
@@ -847,7 +894,10 @@ def prep_job(spec: PrepSpec, stage: str) -> Obj:
     if resources:
         container["resources"] = resources
     mounts: list[Obj] = [{"name": "scratch", "mountPath": "/tmp"}, *pvc_mounts]
-    volumes: list[Obj] = [{"name": "scratch", "emptyDir": {"sizeLimit": spec.scratch_size}}, *pvc_volumes]
+    volumes: list[Obj] = [
+        {"name": "scratch", "emptyDir": {"sizeLimit": spec.scratch_size}},
+        *pvc_volumes,
+    ]
     if spec.prep_config_yaml is not None:
         mounts.insert(0, {"name": "config", "mountPath": PREP_CONFIG_DIR, "readOnly": True})
         volumes.insert(0, {"name": "config", "configMap": {"name": spec.config_map}})
@@ -871,7 +921,9 @@ def prep_job(spec: PrepSpec, stage: str) -> Obj:
         "podFailurePolicy": failure_policy("prep"),
         "template": {
             "metadata": {"labels": labels(spec.name, f"prep-{stage}")},
-            "spec": _pod_spec(spec.pod, [container], volumes, restart="Never", gpu_toleration=False),
+            "spec": _pod_spec(
+                spec.pod, [container], volumes, restart="Never", gpu_toleration=False
+            ),
         },
     }
     return {

@@ -24,7 +24,10 @@ NUM_ITEMS = 300
 
 def users(n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.choice(np.arange(1, NUM_ITEMS + 1), size=int(rng.integers(4, 70)), replace=False) for _ in range(n)]
+    return [
+        rng.choice(np.arange(1, NUM_ITEMS + 1), size=int(rng.integers(4, 70)), replace=False)
+        for _ in range(n)
+    ]
 
 
 def rows_of(batch: TrainBatch, lo: int, hi: int) -> TrainBatch:
@@ -41,9 +44,15 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
-    config = load_config(None, [
-        "model.num_clusters=16", "train.batch_size=256", "loss.cluster_weight=10.0", *args.overrides,
-    ])
+    config = load_config(
+        None,
+        [
+            "model.num_clusters=16",
+            "train.batch_size=256",
+            "loss.cluster_weight=10.0",
+            *args.overrides,
+        ],
+    )
     device = dist_utils.init(local_rank=args.local_rank)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     torch.manual_seed(0)  # the same initial model on every rank
@@ -54,9 +63,16 @@ def main() -> int:
     losses = []
     for step in range(args.steps):
         # the same global batch (users, negatives, augmentations) on every rank
-        batch = make_train_batch(users(config.train.batch_size, seed=step), num_items=NUM_ITEMS, max_len=config.model.max_len,
-                                 augment=config.augment, generator=torch.Generator().manual_seed(step))
-        losses.append(train_step(engine, rows_of(batch, rank * per_rank, (rank + 1) * per_rank), config))
+        batch = make_train_batch(
+            users(config.train.batch_size, seed=step),
+            num_items=NUM_ITEMS,
+            max_len=config.model.max_len,
+            augment=config.augment,
+            generator=torch.Generator().manual_seed(step),
+        )
+        losses.append(
+            train_step(engine, rows_of(batch, rank * per_rank, (rank + 1) * per_rank), config)
+        )
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     out = {"losses": losses, "state": state, "world": world}
     if hasattr(model.cluster_centers, "_hp_mapping"):
