@@ -7,8 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from elcrec_dist.errors import EXIT_BUG, EXIT_OK, failure_of
+
+if TYPE_CHECKING:
+    from elcrec_dist.inference import TrainedModel
+    from elcrec_dist.prepared import DatasetInfo
 
 
 def config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
@@ -29,6 +34,29 @@ def config_arguments(parser: argparse.ArgumentParser, *, config_required: bool =
         "(repeatable; applied after the file)",
     )
     parser.add_argument("--data", help="prepared dataset folder or URL (overrides data.path)")
+
+
+def trained_model_arguments(parser: argparse.ArgumentParser, *, data_help: str) -> None:
+    """RUN, --data and --output of the commands that start from a trained model."""
+    parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
+    parser.add_argument("--data", help=f"{data_help} (default: the model's data.path)")
+    parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
+
+
+def trained_model_and_data(run: str, data: str | None) -> tuple[TrainedModel, str, DatasetInfo]:
+    """The model of ``run`` (with its stored config), the dataset URL (``data``, else the
+    model's ``data.path``) and that dataset's info, checked to be the model's catalogue."""
+    from elcrec_dist.config import ConfigError
+    from elcrec_dist.inference import check_catalogue, load_trained
+    from elcrec_dist.prepared import read_info
+
+    trained = load_trained(run)
+    url = data or trained.config.data.path
+    if not url:
+        raise ConfigError("no dataset: pass --data (the model's config names none)")
+    info = read_info(url)
+    check_catalogue(trained, info, data=url)
+    return trained, url, info
 
 
 def print_json_line(payload: Mapping[str, object]) -> None:

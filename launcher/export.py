@@ -16,33 +16,27 @@ import argparse
 from elcrec_dist.config import ConfigError
 from elcrec_dist.export import FORMAT, export_request, write_export
 from elcrec_dist.idmaps import IdMaps
-from elcrec_dist.inference import check_catalogue, load_trained
 from elcrec_dist.outputs import OutputFolder
-from elcrec_dist.prepared import read_info
 from elcrec_dist.runlog import setup_console
-from launcher.common import print_json_line, run_main
+from launcher.common import (
+    print_json_line,
+    run_main,
+    trained_model_and_data,
+    trained_model_arguments,
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
-    parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
-    parser.add_argument(
-        "--data", help="prepared dataset for the id maps (default: the model's data.path)"
-    )
+    trained_model_arguments(parser, data_help="prepared dataset for the id maps")
     parser.add_argument(
         "--k", type=int, default=20, help="items the top-K scorer returns (default 20)"
     )
     args = parser.parse_args()
     setup_console(main=True)
 
-    trained = load_trained(args.run)
-    data = args.data or trained.config.data.path
-    if not data:
-        raise ConfigError("no dataset: pass --data (the model's config names none)")
-    info = read_info(data)
-    check_catalogue(trained, info, data=data)
+    trained, data, info = trained_model_and_data(args.run, args.data)
     if not 1 <= args.k <= info.num_items:
         raise ConfigError(f"--k {args.k} must be in 1..{info.num_items} (the catalogue)")
     idmaps = IdMaps.open(data, info)

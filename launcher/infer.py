@@ -16,30 +16,28 @@ from __future__ import annotations
 import argparse
 
 from elcrec_dist import distributed as dist_utils
-from elcrec_dist.config import ConfigError
 from elcrec_dist.inference import (
     DEFAULT_SHARD_USERS,
     FORMAT,
     InferenceSettings,
-    check_catalogue,
     inference_request,
-    load_trained,
     run_inference,
 )
 from elcrec_dist.outputs import OutputFolder
 from elcrec_dist.runlog import setup_console
 from elcrec_dist.stream import StreamingDataset
-from launcher.common import print_json_line, run_main
+from launcher.common import (
+    print_json_line,
+    run_main,
+    trained_model_and_data,
+    trained_model_arguments,
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
-    parser.add_argument(
-        "--data", help="prepared dataset folder or URL (default: the model's data.path)"
-    )
-    parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
+    trained_model_arguments(parser, data_help="prepared dataset folder or URL")
     parser.add_argument("--k", type=int, default=20, help="items per user (default 20)")
     parser.add_argument("--keep-history", action="store_true",
                         help="let items of the user's history be recommended (default: excluded)")
@@ -50,12 +48,8 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    trained = load_trained(args.run)
-    data_url = args.data or trained.config.data.path
-    if not data_url:
-        raise ConfigError("no dataset: pass --data (the model's config names none)")
+    trained, data_url, _ = trained_model_and_data(args.run, args.data)
     data = StreamingDataset.open(data_url)
-    check_catalogue(trained, data.info, data=data_url)
     settings = InferenceSettings(
         k=args.k, keep_history=args.keep_history, split=args.split, shard_users=args.shard_users,
         batch_size=trained.config.eval.batch_size, tile_items=trained.config.eval.tile_items,

@@ -13,33 +13,28 @@ from __future__ import annotations
 
 import argparse
 
-from elcrec_dist.config import ConfigError
 from elcrec_dist.idmaps import IdMaps
-from elcrec_dist.inference import check_catalogue, load_trained
 from elcrec_dist.outputs import OutputFolder
 from elcrec_dist.report import FORMAT, report_request, write_report
 from elcrec_dist.runlog import setup_console
 from elcrec_dist.stream import StreamingDataset
-from launcher.common import print_json_line, run_main
+from launcher.common import (
+    print_json_line,
+    run_main,
+    trained_model_and_data,
+    trained_model_arguments,
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="run folder (best_model.pt) or a model file")
-    parser.add_argument(
-        "--data", help="prepared dataset folder or URL (default: the model's data.path)"
-    )
-    parser.add_argument("--output", required=True, help="output folder or s3:// URL (new or empty)")
+    trained_model_arguments(parser, data_help="prepared dataset folder or URL")
     args = parser.parse_args()
     setup_console(main=True)
 
-    trained = load_trained(args.run)
-    url = args.data or trained.config.data.path
-    if not url:
-        raise ConfigError("no dataset: pass --data (the model's config names none)")
+    trained, url, _ = trained_model_and_data(args.run, args.data)
     data = StreamingDataset.open(url)
-    check_catalogue(trained, data.info, data=url)
     idmaps = IdMaps.open(url, data.info)
     out = OutputFolder(
         args.output, kind=FORMAT, request=report_request(trained, data.info.fingerprint())
