@@ -73,8 +73,11 @@ def run_main(main: Callable[[], int], *, hard_exit: bool = False) -> None:
     ``hard_exit`` ends the process with ``os._exit`` once output is flushed, skipping the
     interpreter's shutdown: there, Arrow's I/O threads can drop the last reference to a Python
     file object after the interpreter lock is gone, which aborts the process (exit 250 after a
-    successful run; seen on one of two ranks in about one run in ten). Under a scheduler that
-    turns a finished run into a retried one, so the training entry point uses it.
+    successful run; seen on one of two ranks in about one run in ten), and a C++ thread still
+    joinable at exit aborts it too ("terminate called without an active exception", exit -6,
+    seen once after ``evaluate.py`` had printed its error). Under a scheduler that turns a
+    finished run into a retried one and a permanent error into a crash, so every entry point
+    that loads torch or Arrow uses it.
     """
     try:
         code = main()
