@@ -176,7 +176,7 @@ def train_step(
     norms = torch._foreach_norm(grads) if grads else []  # one fused pass, for both uses
     flags = [not_finite(total, grads, norms=norms),
              torch.tensor(float(dist_utils.stop_reason() is not None), device=device),
-             gradient_norm_share(engine, grads, norms, device=device)]
+             gradient_norm_share(engine, norms, device=device)]
     values = torch.stack([*(t.detach().float() for t in terms.values()), total.detach().float(),
                           *flags])
     # the step's one sync
@@ -205,10 +205,10 @@ def local_gradients(engine: Any) -> list[torch.Tensor]:
 
 
 def gradient_norm_share(
-    engine: Any, grads: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], *,
-    device: torch.device,
+    engine: Any, norms: Sequence[torch.Tensor], *, device: torch.device
 ) -> torch.Tensor:
-    """This rank's share of the squared global gradient norm (0-dim float32, no host sync):
+    """This rank's share of the squared global gradient norm, from the L2 norms of its
+    ``local_gradients`` (0-dim float32, no host sync):
     summed over ranks it is the square of ``GRAD_NORM``. At ZeRO 0 every rank holds the whole
     reduced gradient, so each contributes 1/world of its squared norm; at stages 1 and 2 each
     holds a disjoint partition (``local_gradients``) and contributes all of its own."""
