@@ -40,8 +40,9 @@ the process keeps its peak heap until it exits (a trainer does anyway: every ste
 same peak), and the heap takes a few rounds to settle, holding the holes that the interpreter's
 small allocations leave between large blocks (a Beauty training process peaked at 956 MiB
 against 944 MiB with glibc's defaults and stayed flat over 70 epochs; a loop of one 64 MiB
-tensor alone, the worst case, settles at up to 735 MiB). ``ELCREC_KEEP_FREED_MEMORY=0`` leaves glibc's defaults; on a C library other
-than glibc (``mallopt`` missing) nothing changes and ``allocator`` says so.
+tensor alone, the worst case, settles at up to 735 MiB). ``ELCREC_KEEP_FREED_MEMORY=0``
+leaves glibc's defaults; on a C library other than glibc (``mallopt`` missing) nothing changes
+and ``allocator`` says so.
 """
 
 from __future__ import annotations
