@@ -170,6 +170,7 @@ def verify(folder: str | Path | Folder) -> dict[str, Any] | None:
 # bucket sizes change it. The sampled metrics add reported numbers and select nothing. How many
 # non-finite steps a run tolerates and how long a collective waits for a peer decide when a
 # run stops, not what it computes (a preempted run may resume with a longer timeout).
+# How long to train is fixed once the learning rate follows a schedule over train.epochs.
 RESUMABLE_KEYS = frozenset({
     "name", "data.path", "train.run_dir", "train.epochs", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.deterministic", "eval.batch_size",
@@ -206,10 +207,13 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
     form)."""
     old = _flatten(json.loads(json.dumps(stored)))  # the JSON round trip a checkpoint went through
     new = _flatten(json.loads(json.dumps(current)))
+    resumable = RESUMABLE_KEYS
+    if old.get("train.lr_schedule", "constant") != "constant":
+        resumable = RESUMABLE_KEYS - {"train.epochs"}  # the schedule's length: its rate per step
     changed = {
         key: (old[key], new[key])
         for key in sorted(old.keys() & new.keys())
-        if old[key] != new[key] and key not in RESUMABLE_KEYS
+        if old[key] != new[key] and key not in resumable
     }
     return ConfigChanges(changed, sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()))
 

@@ -201,6 +201,12 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 256  # users per optimizer step, summed over ranks
     lr: float = 1e-3
+    # The learning rate over the run: "constant" (the paper: train.lr throughout) or "cosine"
+    # (train.lr at the first step, then half a cosine down to train.lr_min at the last step of
+    # train.epochs; elcrec_dist.trainer.schedule). A function of the global step alone, so a
+    # resumed run follows the same curve.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min: float = 0.0  # the cosine's end value (unused by "constant")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     patience: int = 40  # early stopping on valid NDCG@20, counted in evaluations
@@ -235,6 +241,8 @@ class TrainConfig:
                 f"{self.collective_timeout_s}")
         require(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive negatives)")
         require(self.lr > 0, "train.lr must be > 0")
+        require(0.0 <= self.lr_min <= self.lr,
+                f"train.lr_min must be in [0, train.lr = {self.lr}], got {self.lr_min}")
         require(self.patience >= 1, "train.patience must be >= 1")
         require(self.eval_every >= 1, "train.eval_every must be >= 1")
         require(self.log_every >= 1, "train.log_every must be >= 1")

@@ -138,3 +138,14 @@ def test_a_resume_on_another_dataset_is_refused(tmp_path: Path) -> None:
     # another number of ranks: each rank's shard of the data and of the optimizer state differs
     with pytest.raises(ckpt.CheckpointError, match="written by 1 ranks; this run has 2"):
         ckpt.check_resume(*found, config=config, dataset=dict(recorded), world=2)
+
+
+def test_a_scheduled_learning_rate_fixes_the_runs_length() -> None:
+    # With train.lr_schedule=cosine, train.epochs sets every step's rate: no longer resumable.
+    stored = _config("train.lr_schedule=cosine")
+    changes = ckpt.config_changes(stored, _config("train.lr_schedule=cosine", "train.epochs=7"))
+    assert changes.changed == {"train.epochs": (stored["train"]["epochs"], 7)}
+    # the other keys of "how long" stay resumable, and a constant rate keeps epochs resumable
+    assert ckpt.config_changes(stored, _config("train.lr_schedule=cosine",
+                                               "train.patience=3")).changed == {}
+    assert ckpt.config_changes(_config(), _config("train.epochs=7")).changed == {}

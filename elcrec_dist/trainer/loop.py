@@ -36,6 +36,7 @@ from elcrec_dist.tracking import embedding_norms
 from elcrec_dist.trainer.engine import (
     NONFINITE_RANKS,
     STOP_RANKS,
+    base_optimizer,
     build_engine,
     engine_state_finite,
     init_model,
@@ -43,6 +44,7 @@ from elcrec_dist.trainer.engine import (
 )
 from elcrec_dist.trainer.exchange import exchange_figures
 from elcrec_dist.trainer.intents import CentreWins, centre_stats, intent_source
+from elcrec_dist.trainer.schedule import learning_rate, set_learning_rate
 from elcrec_dist.trainer.validation import evaluate_sharded
 from elcrec_dist.trainer.warmstart import warm_start
 
@@ -183,8 +185,12 @@ class Trainer:
             seed=train.seed,
             start_step=state.step_in_epoch,
         )
+        total_steps = train.epochs * self.data.steps_per_epoch(train.batch_size)
+        optimizer = base_optimizer(self.engine)
         for step_in_epoch, users in batches:
             record: dict[str, torch.Tensor] = {}
+            lr = learning_rate(train, step=state.global_step, total_steps=total_steps)
+            set_learning_rate(optimizer, lr)
             terms = run_step(
                 self.engine,
                 users.sequences,
@@ -200,7 +206,7 @@ class Trainer:
             state.global_step, state.step_in_epoch = state.global_step + 1, step_in_epoch + 1
             seen += len(users)
             if state.global_step % train.log_every == 0:
-                self.run_log.log({**terms, **exchange_figures(self.engine), "lr": train.lr,
+                self.run_log.log({**terms, **exchange_figures(self.engine), "lr": lr,
                                   **embedding_norms(self.model)}, step=state.global_step)
             stop = float(record[STOP_RANKS]) > 0 and self.mid_epoch()  # the epoch's end: in fit
             if stop or self.mid_epoch_checkpoint_due():
