@@ -10,6 +10,7 @@ name and those imports would fail; put a subfolder's fixtures here or in a helpe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +29,21 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 # A user's item sequence as the tests hold it: a list of ids or an int array.
 Items = Sequence[int] | np.ndarray
+
+# What a scheduler or launcher sets that would make a child process think it is a rank of a job.
+_SCHEDULER_VARS = (
+    "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "LOCAL_SIZE",
+)
+_SCHEDULER_PREFIXES = ("PET_", "VK_", "VC_", "ELCREC_")
+
+
+def env_without_scheduler() -> dict[str, str]:
+    """This process's environment less anything a job scheduler or launcher would have set (the
+    ranks' variables, PyTorchJob's PET_*, Volcano's VK_*/VC_*, ours ELCREC_*): what a child that
+    plays a pod starts from, whatever the test runner's own environment holds."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _SCHEDULER_VARS and not k.startswith(_SCHEDULER_PREFIXES)}
 
 
 # --- the test-data factory ----------------------------------------------------------------------

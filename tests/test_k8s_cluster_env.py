@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import env_without_scheduler
 
 from elcrec_dist.errors import EXIT_PERMANENT, EXIT_RETRYABLE, exit_code_for
 from launcher.cluster_env import (
@@ -289,17 +290,7 @@ def test_master_that_never_resolves_is_retryable():
 # --- the entrypoint process -----------------------------------------------------------------------
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    markers = (
-        "JOB_COMPLETION_INDEX",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {k: v for k, v in os.environ.items()
-           if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
-    return {**env, **extra}
+    return {**env_without_scheduler(), **extra}
 
 
 def test_entrypoint_plan_is_a_no_ssh_deepspeed_launch():

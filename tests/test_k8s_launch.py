@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import env_without_scheduler
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -45,17 +46,7 @@ def free_port() -> int:
 
 
 def base_env() -> dict[str, str]:
-    markers = (
-        "JOB_COMPLETION_INDEX",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "LOCAL_SIZE",
-    )
-    env = {k: v for k, v in os.environ.items()
-           if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
+    env = env_without_scheduler()
     # Both runs share this machine's cores; one intra-op thread per rank in both makes the float
     # arithmetic, and so the comparison, exact (the trainer otherwise sizes threads by LOCAL_SIZE,
     # which is 2 for the one-node run and 1 per pod).

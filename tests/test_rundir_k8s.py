@@ -28,6 +28,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import env_without_scheduler
 from launch import free_port
 
 from elcrec_dist.checkpoint import latest_checkpoint, load_model, load_model_weights
@@ -89,17 +90,7 @@ def render(data: str, run_dir: str) -> tuple[dict[str, Any], dict[str, Any], str
 def container_env(container: dict[str, Any], job_name: str) -> dict[str, str]:
     """The kubelet's environment for ``container``: the manifest's values, the Downward API's
     job name, and the storage Secret's keys (endpoint, credentials) from this test's server."""
-    markers = (
-        "JOB_COMPLETION_INDEX",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "LOCAL_SIZE",
-    )
-    env = {k: v for k, v in os.environ.items()
-           if k not in markers and not k.startswith(("PET_", "VK_", "VC_", "ELCREC_"))}
+    env = env_without_scheduler()
     env["OMP_NUM_THREADS"] = "1"  # the runs are compared bitwise (see test_k8s_launch.py)
     assert [ref["secretRef"]["name"] for ref in container["envFrom"]], "no storage Secret"
     for item in container["env"]:
