@@ -65,6 +65,7 @@ def init(*, local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S)
         skip_shm_allreduce_op()
     # With a group already in place DeepSpeed wraps it instead of creating one.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    new_groups_wait(timeout)
     lr = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
@@ -74,6 +75,29 @@ def init(*, local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S)
         return torch.device("cpu")
     accelerator.set_device(lr)
     return torch.device(accelerator.device_name(), lr)
+
+
+def new_groups_wait(timeout: datetime.timedelta) -> None:
+    """Give every process group DeepSpeed creates from now on the same ``timeout`` as ours.
+
+    DeepSpeed 0.19 does not run its collectives on the group it was handed: its data-parallel
+    group, which carries the gradient all-reduce of every step, is a clone of the world made
+    with ``torch.distributed.new_group(ranks)``, and a group made without a timeout gets
+    torch's default (30 minutes on gloo, 10 on NCCL), not the world's. A peer that hung
+    between its forward collectives and that all-reduce then held the other ranks for half an
+    hour instead of ``train.collective_timeout_s``. Every group DeepSpeed makes goes through
+    its backend's ``new_group``, so that one call is given the timeout.
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    if backend is None or not hasattr(backend, "new_group"):
+        raise RuntimeError("DeepSpeed's communication backend is not initialised")
+
+    def new_group(ranks: Any) -> Any:
+        return dist.new_group(ranks=list(ranks), timeout=timeout)
+
+    backend.new_group = new_group
 
 
 def skip_shm_allreduce_op() -> None:

@@ -97,9 +97,16 @@ def free_port() -> int:
 def start_ranks(
     args: Sequence[str], *, world: int = 2, logs: Path
 ) -> list[subprocess.Popen[bytes]]:
-    """``world`` ranks of ``launcher/train.py ARGS`` started by hand with the variables a
-    launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each in its own
-    session, its output in ``logs/rank{r}.log``: a test can signal, stop or kill one of them."""
+    """``world`` ranks of ``launcher/train.py ARGS`` (``start_worker_ranks``)."""
+    return start_worker_ranks(["launcher/train.py", *args], world=world, logs=logs)
+
+
+def start_worker_ranks(
+    argv: Sequence[str], *, world: int = 2, logs: Path
+) -> list[subprocess.Popen[bytes]]:
+    """``world`` ranks of ``python ARGV`` started by hand with the variables a launcher sets
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each in its own session, its
+    output in ``logs/rank{r}.log``: a test can signal, stop or kill one of them."""
     logs.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
@@ -115,7 +122,7 @@ def start_ranks(
         with open(logs / f"rank{rank}.log", "wb") as out:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "launcher/train.py", *args],
+                    [sys.executable, *argv],
                     cwd=REPO,
                     env=rank_env,
                     stdout=out,

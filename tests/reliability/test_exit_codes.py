@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,19 @@ from pathlib import Path
 
 import pytest
 from conftest import PreparedSets
-from faults import DATA, REPO, committed, env, start_ranks, train, train_args, wait_all, wait_for
+from faults import (
+    DATA,
+    REPO,
+    committed,
+    env,
+    kill,
+    start_ranks,
+    start_worker_ranks,
+    train,
+    train_args,
+    wait_all,
+    wait_for,
+)
 
 from elcrec_dist.errors import EXIT_BUG, EXIT_PERMANENT, EXIT_RETRYABLE, failure_of
 
@@ -173,6 +186,34 @@ def test_a_hung_peer_fails_within_the_collective_timeout(data: Path, tmp_path: P
         ranks[1].wait()
     assert code == EXIT_RETRYABLE, (tmp_path / "rank0.log").read_text()[-3000:]
     assert waited < 5 + 20, waited  # the timeout, plus the step in progress and the exit
+    assert "Timed out waiting" in _last_line(tmp_path / "rank0.log")
+
+
+HANG_WORKER = REPO / "tests" / "reliability" / "workers" / "hang_in_backward.py"
+
+
+@pytest.mark.distributed
+def test_a_peer_hung_before_the_gradient_all_reduce_fails_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """The test above stops a peer wherever it happens to be; this one stops it at the one
+    point that test met only now and then (once in about five runs): after the step's forward
+    collectives, inside its backward. The other rank then waits in DeepSpeed's gradient
+    all-reduce, on a group DeepSpeed made itself; that group must wait no longer than
+    ``train.collective_timeout_s`` either (it waited torch's default of 30 minutes)."""
+    timeout_s = 3
+    ranks = start_worker_ranks(
+        [str(HANG_WORKER), "--timeout-s", str(timeout_s), "--hang-rank", "1"], logs=tmp_path
+    )
+    try:
+        code = wait_all(ranks[:1], timeout_s=120)[0]
+    finally:
+        kill(ranks[1])
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == EXIT_RETRYABLE, log[-3000:]
+    waited = re.search(r"rank 0 of 2: the step ended after ([0-9.]+) s", log)
+    assert waited is not None, log[-3000:]
+    assert float(waited.group(1)) < timeout_s + 10, log[-3000:]
     assert "Timed out waiting" in _last_line(tmp_path / "rank0.log")
 
 
