@@ -45,7 +45,12 @@ def main() -> int:
                              augment=config.augment, generator=torch.Generator().manual_seed(0))
     if rank == args.hang_rank:
         first = next(p for p in engine.module.parameters() if p.requires_grad)
-        first.register_hook(lambda g: (time.sleep(args.hang_s), g)[1])
+
+        def stall(grad: torch.Tensor) -> torch.Tensor:
+            time.sleep(args.hang_s)
+            return grad
+
+        first.register_hook(stall)
     dist_utils.barrier()  # every rank has its engine: only the step itself can wait from here
     started = time.monotonic()
     try:
