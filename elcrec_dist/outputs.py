@@ -12,8 +12,10 @@ written, ``OutputFolder.claim`` decides what the folder may be:
 - anything else (other files, another command's output, the same command with other
   arguments): ``OutputFolderError`` (exit 2) naming what is there, and nothing is written.
 
-Storage options (endpoint, credentials) come from the environment through fsspec, as for the
-prepared datasets.
+Storage goes through ``elcrec_dist.rundir``'s policy, as for run folders and prepared datasets:
+endpoint and credentials from the environment, bounded timeouts and ``AWS_MAX_ATTEMPTS``
+attempts per request, listings never cached; a store that fails past them is a ``StorageError``
+naming the output (retryable, exit 75).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import hashlib
 import json
 import os
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
 from elcrec_dist.errors import PermanentError
+from elcrec_dist.rundir import filesystem, storage_errors
 
 MANIFEST = "manifest.json"
 PENDING = "_PENDING.json"
@@ -56,25 +61,31 @@ class OutputFolder:
         self.url = url
         self.kind = kind
         self.request = json.loads(json.dumps(request, sort_keys=True))  # plain JSON values
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = filesystem(url)
         self.fs: fsspec.AbstractFileSystem = fs
-        self.root = root.rstrip("/") or root
-        self.local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        self.root = root
+        self.local = url_is_local(fs)
+
+    @contextmanager
+    def _storage(self) -> Iterator[None]:
+        with storage_errors(f"output {self.url}", remote=not self.local):
+            yield
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
 
     def _entries(self) -> list[str]:
-        if not self.fs.exists(self.root):
-            return []
-        if not self.fs.isdir(self.root):
-            raise OutputFolderError(f"{self.url}: exists and is not a folder")
-        found = self.fs.find(self.root, withdirs=False)
+        with self._storage():
+            if not self.fs.exists(self.root):
+                return []
+            if not self.fs.isdir(self.root):
+                raise OutputFolderError(f"{self.url}: exists and is not a folder")
+            found = self.fs.find(self.root, withdirs=False)
         return sorted(posixpath.relpath(p, self.root) for p in found)
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(self.path(name), "r") as handle:
+            with self._storage(), self.fs.open(self.path(name), "r") as handle:
                 value = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
@@ -115,7 +126,8 @@ class OutputFolder:
     def begin(self) -> None:
         """Mark the folder as this request's unfinished output (after ``claim``, before the
         first file)."""
-        self.fs.makedirs(self.root, exist_ok=True)
+        with self._storage():
+            self.fs.makedirs(self.root, exist_ok=True)
         self.put_bytes(PENDING, _json_bytes({"format": self.kind, "request": self.request}))
 
     def put_bytes(self, name: str, data: bytes) -> FileRecord:
@@ -130,7 +142,8 @@ class OutputFolder:
                 handle.write(data)
             os.replace(tmp, target)
         else:
-            self.fs.pipe_file(target, data)
+            with self._storage():
+                self.fs.pipe_file(target, data)
         return FileRecord(name, len(data), hashlib.sha256(data).hexdigest())
 
     def commit(self, files: list[FileRecord], body: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +160,8 @@ class OutputFolder:
         self.fs.invalidate_cache(self.root)  # an object store's listing may predate the writes
         for name in self._entries():
             if name not in listed:
-                self.fs.rm(self.path(name))
+                with self._storage():
+                    self.fs.rm(self.path(name))
         return manifest
 
 
@@ -158,12 +172,18 @@ def _json_bytes(value: dict[str, Any]) -> bytes:
 def read_manifest(url: str, *, kind: str) -> dict[str, Any]:
     """The manifest of a committed output of ``kind`` at ``url`` (``OutputFolderError`` if the
     folder holds none)."""
-    fs, root = fsspec.core.url_to_fs(url)
-    path = posixpath.join(root.rstrip("/"), MANIFEST)
-    if not fs.exists(path):
-        raise OutputFolderError(f"{url}: no {MANIFEST}; not a complete output")
-    with fs.open(path, "r") as handle:
-        manifest = json.load(handle)
+    fs, root = filesystem(url)
+    path = posixpath.join(root, MANIFEST)
+    with storage_errors(f"output {url}", remote=not url_is_local(fs)):
+        if not fs.exists(path):
+            raise OutputFolderError(f"{url}: no {MANIFEST}; not a complete output")
+        with fs.open(path, "r") as handle:
+            manifest = json.load(handle)
     if manifest.get("format") != kind:
         raise OutputFolderError(f"{url}: format {manifest.get('format')!r}, expected {kind!r}")
     return dict(manifest)
+
+
+def url_is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (its errors are the system's own)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

@@ -315,6 +315,43 @@ def test_a_hung_s3_endpoint_fails_within_the_configured_time(
     assert waited < 2 * (1 + 2) + 5, waited  # 2 attempts x (read timeout + backoff), and slack
 
 
+def test_an_output_folder_on_a_hung_s3_endpoint_fails_within_the_configured_time(
+    hung_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commands after training (inference, export, the intent report) write their output
+    folders under the same storage policy as training: bounded requests and attempts, then a
+    retryable error naming the output. (They once opened the store with s3fs's defaults: 60 s
+    reads, s3fs's own 5 retries over botocore's, far past the budget.)"""
+    import s3fs
+
+    from elcrec_dist import rundir
+    from elcrec_dist.outputs import OutputFolder, read_manifest
+
+    for name, value in {
+        **S3_ENV,
+        "AWS_ENDPOINT_URL": hung_endpoint,
+        "AWS_MAX_ATTEMPTS": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(rundir, "READ_TIMEOUT_S", 1)
+    monkeypatch.setattr(rundir, "CONNECT_TIMEOUT_S", 1)
+    for attempt in (
+        lambda: OutputFolder("s3://bucket/scores", kind="scores", request={"k": 1}).claim(),
+        lambda: read_manifest("s3://bucket/scores", kind="scores"),
+    ):
+        s3fs.S3FileSystem.clear_instance_cache()
+        started = time.monotonic()
+        with pytest.raises(Exception) as info:
+            attempt()
+        waited = time.monotonic() - started
+        failure = failure_of(info.value)
+        assert failure.code == EXIT_RETRYABLE, failure
+        assert "output s3://bucket/scores" in failure.message, failure
+        assert "timeout" in failure.message.lower(), failure
+        assert waited < 2 * (1 + 2) + 5, waited  # as for the prepared dataset above
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.mark.slow
 def test_a_full_disk_exits_retryable_and_says_so(data: Path, tmp_path: Path) -> None:
     """The first checkpoint's file is written onto /dev/full, which fails every write with
