@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -285,47 +285,29 @@ def hung_endpoint() -> Iterator[str]:
     server.close()
 
 
-def test_a_hung_s3_endpoint_fails_within_the_configured_time(
-    hung_endpoint: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The storage policy bounds each request (read timeout) and the attempts; past them the
-    error is retryable. Small bounds here; the defaults are rundir's (docs/RELIABILITY.md)."""
+def _fails_within_the_bound(attempt: Callable[[], object]) -> str:
+    """Run ``attempt`` against the hung store (``small_storage_bounds``): it must fail
+    retryable and within 2 attempts x (read timeout + backoff), with slack; its message."""
     import s3fs
 
-    from elcrec_dist import rundir
-    from elcrec_dist.stream import StreamingDataset
-
-    for name, value in {
-        **S3_ENV,
-        "AWS_ENDPOINT_URL": hung_endpoint,
-        "AWS_MAX_ATTEMPTS": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(rundir, "READ_TIMEOUT_S", 1)
-    monkeypatch.setattr(rundir, "CONNECT_TIMEOUT_S", 1)
     s3fs.S3FileSystem.clear_instance_cache()
     started = time.monotonic()
     with pytest.raises(Exception) as info:
-        StreamingDataset.open("s3://bucket/prepared")
+        attempt()
     waited = time.monotonic() - started
     s3fs.S3FileSystem.clear_instance_cache()
     failure = failure_of(info.value)
     assert failure.code == EXIT_RETRYABLE, failure
     assert "timeout" in failure.message.lower(), failure
-    assert waited < 2 * (1 + 2) + 5, waited  # 2 attempts x (read timeout + backoff), and slack
+    assert waited < 2 * (1 + 2) + 5, waited
+    return failure.message
 
 
-def test_an_output_folder_on_a_hung_s3_endpoint_fails_within_the_configured_time(
-    hung_endpoint: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The commands after training (inference, export, the intent report) write their output
-    folders under the same storage policy as training: bounded requests and attempts, then a
-    retryable error naming the output. (They once opened the store with s3fs's defaults: 60 s
-    reads, s3fs's own 5 retries over botocore's, far past the budget.)"""
-    import s3fs
-
+@pytest.fixture
+def small_storage_bounds(hung_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every S3 filesystem opened in the test talks to the hung endpoint, with 2 attempts and
+    1 s timeouts (the defaults are rundir's, docs/RELIABILITY.md)."""
     from elcrec_dist import rundir
-    from elcrec_dist.outputs import OutputFolder, read_manifest
 
     for name, value in {
         **S3_ENV,
@@ -335,21 +317,30 @@ def test_an_output_folder_on_a_hung_s3_endpoint_fails_within_the_configured_time
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(rundir, "READ_TIMEOUT_S", 1)
     monkeypatch.setattr(rundir, "CONNECT_TIMEOUT_S", 1)
+
+
+@pytest.mark.usefixtures("small_storage_bounds")
+def test_a_hung_s3_endpoint_fails_within_the_configured_time() -> None:
+    """The storage policy bounds each request (read timeout) and the attempts; past them the
+    error is retryable."""
+    from elcrec_dist.stream import StreamingDataset
+
+    _fails_within_the_bound(lambda: StreamingDataset.open("s3://bucket/prepared"))
+
+
+@pytest.mark.usefixtures("small_storage_bounds")
+def test_an_output_folder_on_a_hung_s3_endpoint_fails_within_the_configured_time() -> None:
+    """The commands after training (inference, export, the intent report) write their output
+    folders under the same storage policy as training: bounded requests and attempts, then a
+    retryable error naming the output. (They once opened the store with s3fs's defaults: 60 s
+    reads, s3fs's own 5 retries over botocore's, far past the budget.)"""
+    from elcrec_dist.outputs import OutputFolder, read_manifest
+
     for attempt in (
         lambda: OutputFolder("s3://bucket/scores", kind="scores", request={"k": 1}).claim(),
         lambda: read_manifest("s3://bucket/scores", kind="scores"),
     ):
-        s3fs.S3FileSystem.clear_instance_cache()
-        started = time.monotonic()
-        with pytest.raises(Exception) as info:
-            attempt()
-        waited = time.monotonic() - started
-        failure = failure_of(info.value)
-        assert failure.code == EXIT_RETRYABLE, failure
-        assert "output s3://bucket/scores" in failure.message, failure
-        assert "timeout" in failure.message.lower(), failure
-        assert waited < 2 * (1 + 2) + 5, waited  # as for the prepared dataset above
-    s3fs.S3FileSystem.clear_instance_cache()
+        assert "output s3://bucket/scores" in _fails_within_the_bound(attempt)
 
 
 @pytest.mark.slow
