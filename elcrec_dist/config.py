@@ -95,6 +95,12 @@ class LossConfig:
     # Intent fusion in the sequence CL: "shift" adds the nearest centre to each time step,
     # "concat" appends it, "none" contrasts the plain views (ICLRec's sequence CL).
     fusion: Literal["shift", "concat", "none"] = "shift"
+    # The next-item term (spec: "Losses", item 1). "bce" (the paper): binary cross-entropy of the
+    # target against one sampled negative per position. "softmax" (beyond the paper): cross-entropy
+    # of the target against the whole catalogue (every item but padding), which every row of the
+    # item table receives a gradient from; docs/notes/time-to-quality.md says why and what it
+    # costs. It needs deepspeed.item_exchange=dense (every row is touched).
+    next_item: Literal["bce", "softmax"] = "bce"
     seq_cl_weight: float = 0.1
     intent_cl_weight: float = 0.1
     cluster_weight: float = 1.0  # alpha in the paper
@@ -361,6 +367,11 @@ class ExperimentConfig:
             not (self.model.intents == "epoch_kmeans" and self.loss.cluster_weight > 0),
             "model.intents=epoch_kmeans keeps the centres fixed during an epoch: "
             f"set loss.cluster_weight to 0 (got {self.loss.cluster_weight})",
+        )
+        require(
+            not (self.loss.next_item == "softmax" and self.deepspeed.item_exchange != "dense"),
+            "loss.next_item=softmax gives every row of the item table a gradient: set "
+            f"deepspeed.item_exchange to dense (got {self.deepspeed.item_exchange})",
         )
 
     def to_dict(self) -> dict[str, Any]:

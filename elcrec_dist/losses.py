@@ -60,6 +60,32 @@ def next_item_loss(
     return (per_position * real).sum() / count.clamp(min=1.0)
 
 
+def next_item_softmax_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_table: torch.Tensor,
+    shard: BatchShard = LOCAL,
+) -> torch.Tensor:
+    """Cross-entropy of the next item over the whole catalogue, at every non-padded position
+    (``loss.next_item: softmax``, beyond the paper).
+
+    hidden [B, T, D]; targets [B, T] (0 = padding position, ignored); item_table [N + 1, D]
+    (row 0, padding, is never a candidate). Returns the mean over non-padded positions (of the
+    global batch; this rank's share of the sum) of ``-log softmax_j(h·e_j)[target]`` over the
+    items j = 1..N (0 if none). Only the P non-padded positions are scored: [P, N] logits.
+    """
+    _check(
+        targets.shape == hidden.shape[:2],
+        f"next_item_softmax_loss: hidden {tuple(hidden.shape)} and targets "
+        f"{tuple(targets.shape)} must share [B, T]",
+    )
+    real = targets > 0  # [B, T]
+    logits = hidden[real] @ item_table[1:].T  # [P, N]
+    total = F.cross_entropy(logits, targets[real] - 1, reduction="sum")
+    count = shard.global_sum(real.sum().to(hidden.dtype).detach())
+    return total / count.clamp(min=1.0)
+
+
 def cluster_loss(
     user_emb: torch.Tensor,
     centres: torch.Tensor,
@@ -474,10 +500,11 @@ def elcrec_terms(
         hidden, view_hidden = encoded.split([b, 2 * b])  # [B, T, D], [2B, T, D]
     else:
         hidden = model(batch.inputs)  # [B, T, D]
+    table = model.item_embeddings.weight
     terms = {
-        "next_item": next_item_loss(
-            hidden, batch.targets, batch.negatives, model.item_embeddings.weight, shard
-        )
+        "next_item": next_item_softmax_loss(hidden, batch.targets, table, shard)
+        if config.next_item == "softmax"
+        else next_item_loss(hidden, batch.targets, batch.negatives, table, shard)
     }
     user_emb = model.pooled(hidden)  # [B, D]
     if record is not None:
