@@ -200,6 +200,11 @@ def test_lists_become_tuples() -> None:
         (["loss.seq_cl_temperature=-1"], r"loss\.seq_cl_temperature must be > 0"),
         (["augment.methods=[crop, shuffle]"], r"augment\.methods.*shuffle"),
         (["deepspeed.zero_stage=3"], r"deepspeed\.zero_stage"),
+        (["loss.next_item=softmax", "deepspeed.item_exchange=sparse"],
+         r"loss\.next_item=softmax .* deepspeed\.item_exchange to dense \(got sparse\)"),
+        (["loss.next_item=softmax", "deepspeed.item_exchange=auto"],
+         r"deepspeed\.item_exchange to dense \(got auto\)"),
+        (["loss.next_item=sampled"], r"loss\.next_item"),
     ],
 )
 def test_validation_errors_name_the_key(overrides: list[str], pattern: str) -> None:

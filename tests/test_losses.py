@@ -12,12 +12,14 @@ import torch
 from elcrec_dist.batching import TrainBatch
 from elcrec_dist.clustering import nearest_centre
 from elcrec_dist.config import LossConfig, ModelConfig
+from elcrec_dist.distributed import BatchShard
 from elcrec_dist.losses import (
     cluster_loss,
     elcrec_terms,
     fuse_intents,
     intent_cl_loss,
     next_item_loss,
+    next_item_softmax_loss,
     nt_xent,
     seq_cl_loss,
     weighted_total,
@@ -67,6 +69,23 @@ def naive_next_item(
             pos = dot(hidden[b, t], table[targets[b, t]])
             neg = dot(hidden[b, t], table[negatives[b, t]])
             total += -math.log(1 / (1 + math.exp(-pos))) - math.log(1 - 1 / (1 + math.exp(-neg)))
+            count += 1
+    return total / count
+
+
+def naive_next_item_softmax(
+    hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor
+) -> float:
+    """-log of the target's share of exp(h·e_j) over items j = 1..N, mean over real positions."""
+    total, count = 0.0, 0
+    for b in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            if targets[b, t] == 0:
+                continue
+            scores = [dot(hidden[b, t], table[j]) for j in range(1, table.shape[0])]
+            top = max(scores)
+            log_denominator = top + math.log(sum(math.exp(v - top) for v in scores))
+            total += log_denominator - scores[int(targets[b, t]) - 1]
             count += 1
     return total / count
 
@@ -180,6 +199,49 @@ def test_next_item_matches_loop_and_ignores_padding() -> None:
     assert next_item_loss(moved, targets, negatives, table).item() != pytest.approx(
         got.item(), rel=1e-6
     )
+
+
+def test_next_item_softmax_matches_loop_and_ignores_padding_and_row_0() -> None:
+    g = torch.Generator().manual_seed(2)
+    hidden, table = randn(3, 5, 4, seed=3), randn(9, 4, seed=4)
+    targets = torch.randint(1, 9, (3, 5), generator=g)
+    targets[0, :2] = 0
+    targets[2, :4] = 0
+    got = next_item_softmax_loss(hidden, targets, table)
+    assert got.item() == pytest.approx(naive_next_item_softmax(hidden, targets, table), rel=1e-12)
+    # Padding: a padded position's state does not count; row 0 (padding) is never a candidate.
+    moved, table_moved = hidden.clone(), table.clone()
+    moved[2, 0] += 5.0
+    table_moved[0] += 50.0
+    assert next_item_softmax_loss(moved, targets, table_moved).item() == pytest.approx(
+        got.item(), rel=1e-12
+    )
+    # Every item row is a candidate, so every row but padding gets a gradient: also items that
+    # are neither a target nor a negative anywhere (what makes the item exchange dense).
+    table_grad = table.clone().requires_grad_()
+    next_item_softmax_loss(hidden, targets, table_grad).backward()
+    assert table_grad.grad is not None
+    row_norms = table_grad.grad.norm(dim=1)
+    assert row_norms[0] == 0 and bool((row_norms[1:] > 0).all())
+
+
+def test_next_item_softmax_shards_sum_to_the_whole_batch() -> None:
+    """Under data parallelism each rank returns its share: the mean's numerator over its rows,
+    divided by the global count of real positions."""
+    g = torch.Generator().manual_seed(5)
+    hidden, table = randn(4, 3, 4, seed=6), randn(7, 4, seed=7)
+    targets = torch.randint(1, 7, (4, 3), generator=g)
+    targets[1, :2] = 0
+    whole = next_item_softmax_loss(hidden, targets, table).item()
+    count = float((targets > 0).sum())
+    parts = [
+        next_item_softmax_loss(
+            hidden[rows], targets[rows], table,
+            BatchShard(world=2, global_sum=lambda _: torch.tensor(count, dtype=torch.float64)),
+        ).item()
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    assert sum(parts) == pytest.approx(whole, rel=1e-12)
 
 
 def test_next_item_is_finite_for_large_logits() -> None:
@@ -510,6 +572,19 @@ def test_seq_cl_temperature_applies_to_the_sequence_term_only(
     assert terms["seq_cl"].item() == pytest.approx(want_seq, rel=1e-10)
     want_intent = naive_intent_cl(view_hidden, user_emb, centres, 0.5)
     assert terms["intent_cl"].item() == pytest.approx(want_intent, rel=1e-10)
+
+
+def test_elcrec_terms_use_the_configured_next_item_form() -> None:
+    model, batch = tiny_model(), tiny_batch()
+    terms = elcrec_terms(model, batch, LossConfig(next_item="softmax"))
+    with torch.no_grad():
+        hidden = model(batch.inputs)
+    table = model.item_embeddings.weight.detach()
+    want = naive_next_item_softmax(hidden, batch.targets, table)
+    assert terms["next_item"].item() == pytest.approx(want, rel=1e-10)
+    assert terms["next_item"].item() != pytest.approx(
+        naive_next_item(hidden, batch.targets, batch.negatives, table), rel=1e-3
+    )
 
 
 def test_zero_weights_omit_terms_and_the_views_pass() -> None:
