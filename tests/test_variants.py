@@ -4,6 +4,7 @@ the synthetic set and switches off exactly the terms it should, seen in the logg
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,15 @@ EXPECTED = {
     "iclrec": {"next_item", "seq_cl", "intent_cl"},  # the intents come from per-epoch k-means
     "elcrec_assigned": {"next_item", "seq_cl", "intent_cl", "cluster"},
     "elcrec_balanced": {"next_item", "seq_cl", "intent_cl", "cluster"},
+    "elcrec_fast": {"next_item", "seq_cl", "intent_cl", "cluster"},  # softmax next item
 }
 
 
 def test_variant_layers_keep_the_dataset_settings_and_override_only_the_loss() -> None:
     base = load_config(REPO / "configs" / "sports.yaml")
-    # iclrec also sets model.intents and fusion (test_iclrec.py)
-    for name in sorted(set(EXPECTED) - {"iclrec"}):
+    # iclrec also sets model.intents and fusion (test_iclrec.py); elcrec_fast sets the training
+    # recipe (test_config.py)
+    for name in sorted(set(EXPECTED) - {"iclrec", "elcrec_fast"}):
         layered = load_config(
             [REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / f"{name}.yaml"]
         )
@@ -79,6 +82,13 @@ def test_each_variant_trains_exactly_its_terms(
         assert terms == EXPECTED[variant]
         if variant == "sasrec":
             assert row["loss/total"] == row["loss/next_item"]
+    # The untrained model scores every item about alike: the softmax over the 100 items starts
+    # near log 100 = 4.61, binary cross-entropy against one negative near 2 log 2 = 1.39.
+    first = steps[0]["loss/next_item"]
+    if variant == "elcrec_fast":
+        assert first == pytest.approx(math.log(100), rel=0.1)
+    else:
+        assert first == pytest.approx(2 * math.log(2), rel=0.1)
     refreshes = [row for row in rows if "kmeans/users" in row]
     if variant == "iclrec":  # k-means over all 400 users at the start of the (one) epoch
         assert [(row["step"], row["kmeans/users"]) for row in refreshes] == [(0, 400.0)]
