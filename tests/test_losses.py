@@ -58,36 +58,38 @@ def sq_dist(u: torch.Tensor, v: torch.Tensor) -> float:
     return sum((float(x) - float(y)) ** 2 for x, y in zip(u, v, strict=True))
 
 
+def real_positions(targets: torch.Tensor) -> list[tuple[int, int]]:
+    """(user, position) of every non-padded target, in order."""
+    return [
+        (b, t)
+        for b in range(targets.shape[0])
+        for t in range(targets.shape[1])
+        if targets[b, t] != 0
+    ]
+
+
 def naive_next_item(
     hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, table: torch.Tensor
 ) -> float:
-    total, count = 0.0, 0
-    for b in range(hidden.shape[0]):
-        for t in range(hidden.shape[1]):
-            if targets[b, t] == 0:
-                continue
-            pos = dot(hidden[b, t], table[targets[b, t]])
-            neg = dot(hidden[b, t], table[negatives[b, t]])
-            total += -math.log(1 / (1 + math.exp(-pos))) - math.log(1 - 1 / (1 + math.exp(-neg)))
-            count += 1
-    return total / count
+    losses = []
+    for b, t in real_positions(targets):
+        pos = dot(hidden[b, t], table[targets[b, t]])
+        neg = dot(hidden[b, t], table[negatives[b, t]])
+        losses.append(-math.log(1 / (1 + math.exp(-pos))) - math.log(1 - 1 / (1 + math.exp(-neg))))
+    return sum(losses) / len(losses)
 
 
 def naive_next_item_softmax(
     hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor
 ) -> float:
     """-log of the target's share of exp(h·e_j) over items j = 1..N, mean over real positions."""
-    total, count = 0.0, 0
-    for b in range(hidden.shape[0]):
-        for t in range(hidden.shape[1]):
-            if targets[b, t] == 0:
-                continue
-            scores = [dot(hidden[b, t], table[j]) for j in range(1, table.shape[0])]
-            top = max(scores)
-            log_denominator = top + math.log(sum(math.exp(v - top) for v in scores))
-            total += log_denominator - scores[int(targets[b, t]) - 1]
-            count += 1
-    return total / count
+    losses = []
+    for b, t in real_positions(targets):
+        scores = [dot(hidden[b, t], table[j]) for j in range(1, table.shape[0])]
+        top = max(scores)
+        log_denominator = top + math.log(sum(math.exp(v - top) for v in scores))
+        losses.append(log_denominator - scores[int(targets[b, t]) - 1])
+    return sum(losses) / len(losses)
 
 
 def naive_cluster(user_emb: torch.Tensor, centres: torch.Tensor, pairs: str) -> float:
