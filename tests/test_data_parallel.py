@@ -68,6 +68,22 @@ def test_two_ranks_of_128_equal_one_rank_of_256(
         assert torch.equal(two[0]["master_centres"], centres)
 
 
+def test_softmax_next_item_two_ranks_equal_one_rank(tmp_path: Path) -> None:
+    """``loss.next_item: softmax`` under data parallelism: each rank scores its own positions,
+    the mean is over the global batch's real positions, and the whole item table's gradient is
+    all-reduced (dense exchange), so 2 ranks x 128 make the 1-rank step of 256."""
+    softmax = [*NO_DROPOUT, "loss.next_item=softmax"]
+    one = _launch(tmp_path / "one", 1, overrides=softmax)[0]
+    two = _launch(tmp_path / "two", 2, overrides=softmax)
+    # the softmax over the untrained catalogue starts near log N, far from the binary 2 log 2
+    assert one["losses"][0]["loss/next_item"] > 3.0
+    for rank in two:
+        for name, value in one["losses"][0].items():
+            assert rank["losses"][0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        for name, value in one["state"].items():
+            assert (rank["state"][name] - value).abs().max() <= 1e-5, name
+
+
 def test_local_negatives_switch_changes_the_contrastive_terms_only(
     one_rank_step: dict, tmp_path: Path
 ) -> None:
