@@ -18,6 +18,7 @@ from elcrec_dist.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "sasrec": {"next_item"},
+    "sasrec_seqcl": {"next_item", "seq_cl"},  # plain views: the centres are never used
     "b_icl": {"next_item", "seq_cl", "intent_cl"},
     "b_elcm": {"next_item", "cluster"},
     "elcrec": {"next_item", "seq_cl", "intent_cl", "cluster"},
@@ -31,8 +32,8 @@ EXPECTED = {
 def test_variant_layers_keep_the_dataset_settings_and_override_only_the_loss() -> None:
     base = load_config(REPO / "configs" / "sports.yaml")
     # iclrec also sets model.intents and fusion (test_iclrec.py); elcrec_fast sets the training
-    # recipe (test_config.py)
-    for name in sorted(set(EXPECTED) - {"iclrec", "elcrec_fast"}):
+    # recipe (test_config.py); sasrec_seqcl sets fusion (below)
+    for name in sorted(set(EXPECTED) - {"iclrec", "elcrec_fast", "sasrec_seqcl"}):
         layered = load_config(
             [REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / f"{name}.yaml"]
         )
@@ -47,6 +48,12 @@ def test_variant_layers_keep_the_dataset_settings_and_override_only_the_loss() -
         sasrec.loss.intent_cl_weight,
         sasrec.loss.cluster_weight,
     ) == (0.0, 0.0, 0.0)
+    seqcl = load_config(
+        [REPO / "configs" / "sports.yaml", REPO / "configs" / "variants" / "sasrec_seqcl.yaml"]
+    )
+    assert seqcl.model == base.model and seqcl.train == base.train
+    assert (seqcl.loss.fusion, seqcl.loss.seq_cl_weight, seqcl.loss.intent_cl_weight,
+            seqcl.loss.cluster_weight) == ("none", base.loss.seq_cl_weight, 0.0, 0.0)
 
 
 def test_a_bad_key_in_a_layer_names_the_files(tmp_path: Path) -> None:
@@ -82,6 +89,11 @@ def test_each_variant_trains_exactly_its_terms(
         assert terms == EXPECTED[variant]
         if variant == "sasrec":
             assert row["loss/total"] == row["loss/next_item"]
+        if variant == "sasrec_seqcl":
+            weight = load_config(REPO / "configs" / "demo.yaml").loss.seq_cl_weight
+            assert row["loss/total"] == pytest.approx(
+                row["loss/next_item"] + weight * row["loss/seq_cl"], rel=1e-5
+            )
     # The untrained model scores every item about alike: the softmax over the 100 items starts
     # near log 100 = 4.61, binary cross-entropy against one negative near 2 log 2 = 1.39.
     first = steps[0]["loss/next_item"]
