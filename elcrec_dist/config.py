@@ -101,6 +101,13 @@ class LossConfig:
     # item table receives a gradient from; docs/notes/time-to-quality.md says why and what it
     # costs. It needs deepspeed.item_exchange=dense (every row is touched).
     next_item: Literal["bce", "softmax"] = "bce"
+    # The most [positions x N] logits the softmax next-item term holds at once (2^26: 256 MiB of
+    # float32). A step with more scores its real positions in chunks and recomputes each chunk's
+    # logits in the backward pass: memory O(chunk x N) instead of O(positions x N), for one more
+    # product, the same numbers to rounding. What lets the softmax train on a catalogue of
+    # millions of items (docs/PERFORMANCE.md). At least one position a chunk. A Beauty step
+    # (about 1,460 real positions at batch 256 x 12,101 items) stays whole.
+    softmax_max_logits: int = 2**26
     seq_cl_weight: float = 0.1
     intent_cl_weight: float = 0.1
     cluster_weight: float = 1.0  # alpha in the paper
@@ -145,6 +152,10 @@ class LossConfig:
         )
         for name in ("seq_cl_weight", "intent_cl_weight", "cluster_weight"):
             require(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
+        require(
+            self.softmax_max_logits >= 1,
+            f"loss.softmax_max_logits must be >= 1, got {self.softmax_max_logits}",
+        )
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ def next_item_softmax_loss(
     targets: torch.Tensor,
     item_table: torch.Tensor,
     shard: BatchShard = LOCAL,
+    *,
+    max_logits: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next item over the whole catalogue, at every non-padded position
     (``loss.next_item: softmax``, beyond the paper).
@@ -72,7 +74,9 @@ def next_item_softmax_loss(
     hidden [B, T, D]; targets [B, T] (0 = padding position, ignored); item_table [N + 1, D]
     (row 0, padding, is never a candidate). Returns the mean over non-padded positions (of the
     global batch; this rank's share of the sum) of ``-log softmax_j(h·e_j)[target]`` over the
-    items j = 1..N (0 if none). Only the P non-padded positions are scored: [P, N] logits.
+    items j = 1..N (0 if none). Only the P non-padded positions are scored: [P, N] logits at
+    once, or, where ``P·N > max_logits``, chunks of ``max(1, max_logits // N)`` positions whose
+    logits are recomputed in the backward pass (``chunked_softmax_cross_entropy``).
     """
     _check(
         targets.shape == hidden.shape[:2],
@@ -80,10 +84,80 @@ def next_item_softmax_loss(
         f"{tuple(targets.shape)} must share [B, T]",
     )
     real = targets > 0  # [B, T]
-    logits = hidden[real] @ item_table[1:].T  # [P, N]
-    total = F.cross_entropy(logits, targets[real] - 1, reduction="sum")
+    states, labels = hidden[real], targets[real] - 1  # [P, D], [P]
+    candidates = item_table[1:]  # [N, D]
+    n = candidates.shape[0]
+    if max_logits is None or states.shape[0] * n <= max_logits:
+        total = F.cross_entropy(states @ candidates.T, labels, reduction="sum")  # [P, N] logits
+    else:
+        total = chunked_softmax_cross_entropy(states, candidates, labels, max(1, max_logits // n))
     count = shard.global_sum(real.sum().to(hidden.dtype).detach())
     return total / count.clamp(min=1.0)
+
+
+def chunked_softmax_cross_entropy(
+    states: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``sum_p -log softmax(states[p] @ candidates.T)[labels[p]]`` with at most ``rows`` x N
+    logits alive at a time, forward and backward.
+
+    states [P, D]; candidates [N, D]; labels [P] in 0..N-1. The forward keeps only each row's
+    log-sum-exp [P]; the backward recomputes a chunk's logits, turns them into
+    ``softmax − one_hot`` and accumulates both gradients, so autograd never saves a [P, N]
+    tensor. Computed in float32 at least (a bfloat16 model's logits are promoted).
+    """
+    _check(rows >= 1, f"chunked_softmax_cross_entropy: rows must be >= 1, got {rows}")
+    _check(
+        states.dim() == 2 and candidates.dim() == 2 and states.shape[1] == candidates.shape[1]
+        and labels.shape == states.shape[:1],
+        f"chunked_softmax_cross_entropy: expected states [P, D], candidates [N, D] and labels "
+        f"[P], got {tuple(states.shape)}, {tuple(candidates.shape)} and {tuple(labels.shape)}",
+    )
+    total: torch.Tensor = _ChunkedSoftmaxCrossEntropy.apply(states, candidates, labels, rows)
+    return total
+
+
+class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        states: torch.Tensor,
+        candidates: torch.Tensor,
+        labels: torch.Tensor,
+        rows: int,
+    ) -> torch.Tensor:
+        dtype = torch.promote_types(states.dtype, torch.float32)
+        h, e = states.to(dtype), candidates.to(dtype)
+        lse = torch.empty(h.shape[0], dtype=dtype, device=h.device)  # [P]
+        for start in range(0, h.shape[0], rows):
+            logits = h[start:start + rows] @ e.T  # [R, N], the one buffer of the chunk
+            top = logits.amax(dim=1)  # [R]
+            lse[start:start + rows] = logits.sub_(top[:, None]).exp_().sum(dim=1).log_().add_(top)
+            del logits
+        picked = (h * e[labels]).sum(-1)  # [P], the target's logit
+        ctx.save_for_backward(states, candidates, labels, lse)
+        ctx.rows = rows  # type: ignore[attr-defined]
+        return (lse - picked).sum()
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_total: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        states, candidates, labels, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        rows: int = ctx.rows  # type: ignore[attr-defined]
+        dtype = lse.dtype
+        h, e = states.to(dtype), candidates.to(dtype)
+        grad_h = torch.empty_like(h)  # [P, D]
+        grad_e = torch.zeros_like(e)  # [N, D]
+        for start in range(0, h.shape[0], rows):
+            chunk = h[start:start + rows]  # [R, D]
+            probs = (chunk @ e.T).sub_(lse[start:start + rows, None]).exp_()  # [R, N] softmax
+            probs[torch.arange(chunk.shape[0], device=h.device), labels[start:start + rows]] -= 1.0
+            probs.mul_(grad_total.to(dtype))
+            torch.mm(probs, e, out=grad_h[start:start + rows])
+            grad_e.addmm_(probs.T, chunk)
+            del probs
+        return grad_h.to(states.dtype), grad_e.to(candidates.dtype), None, None
 
 
 def cluster_loss(
@@ -502,7 +576,9 @@ def elcrec_terms(
         hidden = model(batch.inputs)  # [B, T, D]
     table = model.item_embeddings.weight
     terms = {
-        "next_item": next_item_softmax_loss(hidden, batch.targets, table, shard)
+        "next_item": next_item_softmax_loss(
+            hidden, batch.targets, table, shard, max_logits=config.softmax_max_logits
+        )
         if config.next_item == "softmax"
         else next_item_loss(hidden, batch.targets, batch.negatives, table, shard)
     }

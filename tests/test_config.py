@@ -205,6 +205,7 @@ def test_lists_become_tuples() -> None:
         (["loss.next_item=softmax", "deepspeed.item_exchange=auto"],
          r"deepspeed\.item_exchange to dense \(got auto\)"),
         (["loss.next_item=sampled"], r"loss\.next_item"),
+        (["loss.softmax_max_logits=0"], r"loss\.softmax_max_logits must be >= 1, got 0"),
     ],
 )
 def test_validation_errors_name_the_key(overrides: list[str], pattern: str) -> None:

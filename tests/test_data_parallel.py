@@ -71,10 +71,12 @@ def test_two_ranks_of_128_equal_one_rank_of_256(
 def test_softmax_next_item_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     """``loss.next_item: softmax`` under data parallelism: each rank scores its own positions,
     the mean is over the global batch's real positions, and the whole item table's gradient is
-    all-reduced (dense exchange), so 2 ranks x 128 make the 1-rank step of 256."""
+    all-reduced (dense exchange), so 2 ranks x 128 make the 1-rank step of 256. The two ranks
+    score in chunks of 2 positions (``loss.softmax_max_logits``), the one rank all at once."""
     softmax = [*NO_DROPOUT, "loss.next_item=softmax"]
     one = _launch(tmp_path / "one", 1, overrides=softmax)[0]
-    two = _launch(tmp_path / "two", 2, overrides=softmax)
+    chunks = "loss.softmax_max_logits=600"  # 2 positions x the worker's 300 items
+    two = _launch(tmp_path / "two", 2, overrides=[*softmax, chunks])
     # the softmax over the untrained catalogue starts near log N, far from the binary 2 log 2
     assert one["losses"][0]["loss/next_item"] > 3.0
     for rank in two:

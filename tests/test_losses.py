@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, TypedDict
 
 import pytest
@@ -244,6 +244,80 @@ def test_next_item_softmax_shards_sum_to_the_whole_batch() -> None:
         for rows in (slice(0, 2), slice(2, 4))
     ]
     assert sum(parts) == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])  # 8 rows would be the whole
+def test_next_item_softmax_in_chunks_matches_the_loop_and_the_whole_gradient(rows: int) -> None:
+    """Scored in chunks of ``rows`` positions (8 real positions, 9 items), the loss is the
+    naive loop's and both gradients are those of the [P, N] computation, under an upstream
+    gradient other than 1 (what the weighted total and DeepSpeed's scaling pass in)."""
+    g = torch.Generator().manual_seed(8)
+    hidden, table = randn(2, 6, 4, seed=9), randn(10, 4, seed=10)
+    targets = torch.randint(1, 10, (2, 6), generator=g)
+    targets[0, :3] = 0
+    targets[1, :1] = 0
+    n = table.shape[0] - 1
+    assert int((targets > 0).sum()) == 8
+    results: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    for name, max_logits in (("whole", None), ("chunks", rows * n)):
+        h, e = hidden.clone().requires_grad_(), table.clone().requires_grad_()
+        loss = next_item_softmax_loss(h, targets, e, max_logits=max_logits)
+        (2.5 * loss).backward()
+        assert h.grad is not None and e.grad is not None
+        results[name] = (loss.item(), h.grad, e.grad)
+    loop = naive_next_item_softmax(hidden, targets, table)
+    assert results["chunks"][0] == pytest.approx(loop, rel=1e-12)
+    assert results["whole"][0] == pytest.approx(loop, rel=1e-12)
+    for whole, chunks in zip(results["whole"][1:], results["chunks"][1:], strict=True):
+        torch.testing.assert_close(chunks, whole, rtol=1e-12, atol=1e-14)
+    assert results["chunks"][2][0].abs().max() == 0  # row 0, padding, is never a candidate
+
+
+def saved_sizes(run: Callable[[], torch.Tensor]) -> list[int]:
+    """Element counts of every tensor autograd saves for the backward pass of ``run()``."""
+    sizes: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run().backward()
+    return sizes
+
+
+def test_next_item_softmax_in_chunks_never_keeps_positions_by_items() -> None:
+    """What bounds the memory: with chunks, nothing of P x N elements (or of a chunk's R x N)
+    is kept for the backward pass; the whole computation keeps its [P, N] logits."""
+    g = torch.Generator().manual_seed(11)
+    hidden, table = randn(4, 10, 3, seed=12), randn(51, 3, seed=13)  # P = 40, N = 50, D = 3
+    targets = torch.randint(1, 51, (4, 10), generator=g)
+    p, n = 40, 50
+
+    def loss(max_logits: int | None) -> Callable[[], torch.Tensor]:
+        h, e = hidden.clone().requires_grad_(), table.clone().requires_grad_()
+        return lambda: next_item_softmax_loss(h, targets, e, max_logits=max_logits)
+
+    assert max(saved_sizes(loss(None))) >= p * n
+    chunked = saved_sizes(loss(4 * n))  # chunks of 4 positions
+    assert max(chunked) <= max(n * 3, p * 3) < 4 * n
+
+
+def test_next_item_softmax_in_chunks_of_a_bfloat16_model() -> None:
+    """A bfloat16 model's states and table: the chunks compute in float32 (close to the float64
+    loop) and hand back gradients in the parameters' dtype."""
+    g = torch.Generator().manual_seed(14)
+    hidden, table = randn(2, 5, 4, seed=15), randn(12, 4, seed=16)
+    targets = torch.randint(1, 12, (2, 5), generator=g)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    e = table.to(torch.bfloat16).requires_grad_()
+    loss = next_item_softmax_loss(h, targets, e, max_logits=2 * 11)
+    loss.backward()
+    loop = naive_next_item_softmax(h.detach().double(), targets, e.detach().double())
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(loop, rel=1e-5)
+    assert h.grad is not None and e.grad is not None
+    assert h.grad.dtype == e.grad.dtype == torch.bfloat16
 
 
 def test_next_item_is_finite_for_large_logits() -> None:
@@ -587,6 +661,27 @@ def test_elcrec_terms_use_the_configured_next_item_form() -> None:
     assert terms["next_item"].item() != pytest.approx(
         naive_next_item(hidden, batch.targets, batch.negatives, table), rel=1e-3
     )
+
+
+def test_elcrec_terms_pass_the_softmax_chunk_budget() -> None:
+    """``loss.softmax_max_logits`` reaches the term: one position per chunk gives the loop's
+    value and the whole computation's gradient on every parameter."""
+    grads = {}
+    for budget in (2**26, 1):
+        model, batch = tiny_model(), tiny_batch()
+        config = LossConfig(next_item="softmax", softmax_max_logits=budget)
+        term = elcrec_terms(model, batch, config)["next_item"]
+        term.backward()
+        grads[budget] = {name: p.grad.clone() for name, p in model.named_parameters()
+                         if p.grad is not None}
+        with torch.no_grad():  # an eval-mode model: no dropout
+            hidden = model(batch.inputs)
+        table = model.item_embeddings.weight.detach()
+        want = naive_next_item_softmax(hidden, batch.targets, table)
+        assert term.item() == pytest.approx(want, rel=1e-10)
+    assert grads[1].keys() == grads[2**26].keys() and "item_embeddings.weight" in grads[1]
+    for name, whole in grads[2**26].items():
+        torch.testing.assert_close(grads[1][name], whole, rtol=1e-10, atol=1e-12)
 
 
 def test_zero_weights_omit_terms_and_the_views_pass() -> None:
