@@ -19,17 +19,26 @@ resamples), and the interval of the first model's own metric. The interval says 
 metric moves with the choice of test users alone, for a fixed model; it says nothing about
 training noise (another seed trains another model).
 
+``--published DATASET`` sets the first model beside the paper's published row for DATASET (Table
+1, parsed from ``{--shared}/docs/elcrec-method.md``), for a dataset whose published weights we do
+not have (Sports, Yelp): per published metric, the first model's mean, the published figure,
+``mean / published - 1`` and its 95 % interval over the same resamples of the users. The
+published figure is one number, so there is nothing to pair: the interval is the first model's
+own, divided by the published figure. One ``--model`` is enough then.
+
 Prints one JSON object as the last stdout line.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.reproduce import DATASET_FILES, HarnessError, paper_metrics, parse_spec
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import Split, eval_batch
@@ -149,6 +158,55 @@ def compare(
     return result
 
 
+def against_published(
+    names: list[str],
+    first: np.ndarray,
+    published: Mapping[str, float],
+    *,
+    resamples: int,
+    seed: int,
+) -> dict[str, dict[str, object]]:
+    """Per metric of ``published`` (also in ``names``): the mean of ``first`` [U, M], the
+    published figure, ``mean / published - 1`` and its bootstrap interval over ``resamples``
+    resamples of the users (the same draws ``compare`` makes with this ``seed``)."""
+    means, _ = paired_bootstrap(first, first, resample_counts(len(first), resamples, seed))
+    result: dict[str, dict[str, object]] = {}
+    for m, name in enumerate(names):
+        if name not in published:
+            continue
+        ours, paper = float(first[:, m].mean()), float(published[name])
+        entry: dict[str, object] = {"first": ours, "published": paper,
+                                    "relative": ours / paper - 1.0 if paper else None}
+        if resamples and paper:
+            entry["relative_95"] = interval(means[:, m] / paper - 1.0)
+            entry["first_95"] = interval(means[:, m])
+        result[name] = entry
+    return result
+
+
+def published_row(dataset: str, shared: Path) -> dict[str, float]:
+    """The paper's Table 1 row (ELCRec) for ``dataset``, from the spec under ``shared``."""
+    try:
+        figures = parse_spec(shared / "docs" / "elcrec-method.md")
+    except HarnessError as exc:
+        raise ConfigError(str(exc)) from exc
+    row = paper_metrics(figures, dataset).get("elcrec")
+    if not row:
+        raise ConfigError(f"--published {dataset}: the spec has no published ELCRec row for it")
+    return row
+
+
+def print_rows(title: str, entries: Mapping[str, Mapping[str, object]], other: str) -> None:
+    """One line per metric: the first model's mean, the other figure (key ``other``), the
+    relative difference and its interval."""
+    print(title)
+    for metric, entry in entries.items():
+        band = entry.get("relative_95")
+        extra = f"  95% [{band[0]:+.1%}, {band[1]:+.1%}]" if isinstance(band, list) else ""
+        print(f"  {metric:8s} {entry['first']:.4f} vs {entry[other]:.4f}  "
+              f"{entry['relative']:+.1%}{extra}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,15 +224,24 @@ def main() -> int:
         "--resamples", type=int, default=2000, help="bootstrap resamples of the users (0: none)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    parser.add_argument(
+        "--published",
+        choices=sorted(DATASET_FILES),
+        help="also set the first model beside the paper's published row for this dataset",
+    )
+    parser.add_argument(
+        "--shared", default="../shared", help="the folder holding docs/elcrec-method.md"
+    )
     args = parser.parse_args()
-    if len(args.model) < 2:
-        raise ConfigError("--model: give at least two models to compare")
+    if len(args.model) < (1 if args.published else 2):
+        raise ConfigError("--model: give at least two models to compare (or one with --published)")
     if args.resamples < 0:
         raise ConfigError(f"--resamples must be >= 0, got {args.resamples}")
     models = [parse_model_argument(text) for text in args.model]
     if len({name for name, _ in models}) != len(models):
         raise ConfigError("--model: names must be distinct")
 
+    paper = published_row(args.published, Path(args.shared)) if args.published else None
     config = load_config(args.config, args.overrides)
     data = args.data or config.data.path
     if not data:
@@ -202,20 +269,23 @@ def main() -> int:
             for other, _ in others
         },
     }
+    comparisons: dict[str, dict[str, dict[str, object]]] = report["comparisons"]  # type: ignore[assignment]
     for other, _ in others:
-        print(
+        print_rows(
             f"{first_name} vs {other} ({args.split}, {len(sequences)} users, "
-            f"{args.resamples} paired resamples):"
+            f"{args.resamples} paired resamples):",
+            comparisons[f"{first_name} vs {other}"], "other",
         )
-        for metric, entry in report["comparisons"][  # type: ignore[index]
-            f"{first_name} vs {other}"
-        ].items():
-            band = entry.get("relative_95")
-            extra = f"  95% [{band[0]:+.1%}, {band[1]:+.1%}]" if band else ""
-            print(
-                f"  {metric:8s} {entry['first']:.4f} vs {entry['other']:.4f}  "
-                f"{entry['relative']:+.1%}{extra}"
-            )
+    if paper is not None:
+        beside = against_published(
+            names, values[first_name], paper, resamples=args.resamples, seed=args.seed
+        )
+        report["published"] = {"dataset": args.published, "row": paper, first_name: beside}
+        print_rows(
+            f"{first_name} vs the published {args.published} row ({args.split}, "
+            f"{len(sequences)} users, {args.resamples} resamples of the users):",
+            beside, "published",
+        )
     print_json_line(report)
     return 0
 

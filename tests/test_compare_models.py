@@ -20,6 +20,7 @@ from elcrec_dist.evaluation import metric_sums, naive_answer_rank
 from elcrec_dist.model import ELCRec
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 
 
 def test_per_user_values_average_to_the_reported_metrics() -> None:
@@ -55,6 +56,34 @@ def test_identical_models_differ_by_exactly_nothing() -> None:
     result = cm.compare(["a", "b"], values, values.copy(), resamples=40, seed=1)
     for entry in result.values():
         assert entry["relative"] == 0.0 and entry["relative_95"] == [0.0, 0.0]
+
+
+def test_against_published_equals_a_naive_loop() -> None:
+    """Beside a published figure: the relative difference and its interval over the same
+    resamples as a loop computes them; metrics the paper does not publish are left out."""
+    rng = random.Random(4)
+    users, resamples = 41, 30
+    first = np.array([[rng.random(), rng.random()] for _ in range(users)])
+    paper = {"HR@5": 0.4, "MRR": 0.55}
+    result = cm.against_published(
+        ["HR@5", "NDCG@5"], first, paper, resamples=resamples, seed=9
+    )
+    assert list(result) == ["HR@5"]
+    entry = result["HR@5"]
+    mean = sum(row[0] for row in first) / users
+    assert entry["first"] == pytest.approx(mean, rel=1e-12) and entry["published"] == 0.4
+    assert entry["relative"] == pytest.approx(mean / 0.4 - 1, rel=1e-12)
+    draws = np.random.default_rng(9)
+    ratios = sorted(
+        sum(first[u][0] for u in draws.integers(0, users, users).tolist()) / users / 0.4 - 1
+        for _ in range(resamples)
+    )
+    band = entry["relative_95"]
+    assert isinstance(band, list)
+    low, high = band
+    assert low == pytest.approx(float(np.percentile(ratios, 2.5)), rel=1e-12)
+    assert high == pytest.approx(float(np.percentile(ratios, 97.5)), rel=1e-12)
+    assert ratios[0] <= low < high <= ratios[-1]
 
 
 @pytest.mark.parametrize("text", ["ours", "=x.pt", "ours=", ""])
@@ -100,7 +129,8 @@ def test_ranks_and_the_entry_point_on_two_saved_models(
     out = subprocess.run(
         [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
          "--data", str(small_synthetic), "--model", f"one={paths[0]}", "--model", f"two={paths[1]}",
-         "--split", "valid", "--resamples", "30"],
+         "--split", "valid", "--resamples", "30", "--published", "beauty",
+         "--shared", str(SHARED)],
         check=True, cwd=REPO, capture_output=True, text=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,6 +149,19 @@ def test_ranks_and_the_entry_point_on_two_saved_models(
     assert entry["relative"] == pytest.approx(evaluated[0]["NDCG@20"] / evaluated[1]["NDCG@20"] - 1)
     low, high = entry["relative_95"]
     assert low <= high
+    # Beside the spec's published Beauty row, read here from its markdown line.
+    spec = (SHARED / "docs" / "elcrec-method.md").read_text()
+    table = spec[spec.index("## Published numbers"):].splitlines()
+    line = next(row for row in table if row.startswith("| Beauty |"))
+    paper = dict(zip(("HR@5", "NDCG@5", "HR@20", "NDCG@20"),
+                     (float(cell) for cell in line.strip("|").split("|")[1:]), strict=True))
+    assert report["published"]["row"] == paper
+    beside = report["published"]["one"]
+    assert list(beside) == list(paper)
+    for metric, value in paper.items():
+        assert beside[metric]["relative"] == pytest.approx(
+            evaluated[0][metric] / value - 1, rel=1e-9
+        )
 
 
 def test_a_single_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
@@ -128,6 +171,14 @@ def test_a_single_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True,
     )
     assert out.returncode == 2 and "at least two models" in out.stderr
+    # One model beside a published row: a spec that is not there is named, before any model.
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
+         "--data", str(tmp_path), "--model", "one=x.pt", "--published", "yelp",
+         "--shared", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and "spec not found" in out.stderr, out.stderr
 
 
 def test_checkpoint_folders_are_model_sources_only_when_complete(tmp_path: Path) -> None:
