@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -104,10 +105,28 @@ def child(args: argparse.Namespace) -> None:
             cpu_times.append(cpu_seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     torch.save(out, args.out)
-    print(json.dumps({"peak_mib": round((peak - baseline) / 2**20, 1),
+    # The kernel's RSS counters are cached per thread (up to 64 pages each), so a step that adds
+    # nothing can read a hair below the baseline: no growth is 0.
+    print(json.dumps({"peak_mib": round(max(peak - baseline, 0) / 2**20, 1),
                       "seconds": round(min(times), 3),
                       "cpu_seconds": round(min(cpu_times), 3),
                       "inputs_mib": round(baseline / 2**20, 1)}))
+
+
+def run_case_process(
+    module: str, argv: Sequence[str], case: str, folder: Path
+) -> tuple[dict[str, float], dict[str, torch.Tensor]] | None:
+    """``python -m module *argv --case case --out FILE`` in a fresh process (so its peak memory
+    is its own): the figures it printed (its last stdout line, JSON) and the outputs it saved
+    to FILE in ``folder``. None, with its stderr and an error line printed, if it failed."""
+    out = folder / (case.replace("/", "-") + ".pt")
+    command = [sys.executable, "-m", module, *argv, "--case", case, "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        print(f"error: case {case} failed (exit {proc.returncode})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(out, weights_only=True)
 
 
 def main() -> int:
@@ -135,17 +154,11 @@ def main() -> int:
     own = list(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
-            out = Path(tmp) / (case.replace("/", "-") + ".pt")
-            command = [sys.executable, "-m", "bench.topk_memory", *own,
-                       "--case", case, "--out", str(out)]
-            proc = subprocess.run(command, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                print(f"error: case {case} failed (exit {proc.returncode})", file=sys.stderr)
+            ran = run_case_process("bench.topk_memory", own, case, Path(tmp))
+            if ran is None:
                 return 1
             kind, path = case.split("/")
-            figures[kind][path] = json.loads(proc.stdout.strip().splitlines()[-1])
-            outputs[case] = torch.load(out, weights_only=True)
+            figures[kind][path], outputs[case] = ran
     same_ranks = torch.equal(outputs["rank/tiled"]["ranks"], outputs["rank/dense"]["ranks"])
     same_top = all(
         torch.equal(outputs["top_k/tiled"][name], outputs["top_k/dense"][name])

@@ -41,6 +41,18 @@ def test_topk_memory_reports_each_case_against_the_dense_matrix() -> None:
     assert got["cpu"] and got["threads"] >= 1
 
 
+def test_softmax_memory_reports_chunks_against_the_whole_logits() -> None:
+    got = bench("bench.softmax_memory", "--items", "3000", "--batch", "2", "--max-len", "10",
+                "--max-logits", "12000", "--cases", "chunked", "whole")
+    assert got["positions"] == 20 and got["chunk_positions"] == 4  # 12,000 // 3,000
+    assert got["whole_logits_mib"] == round(20 * 3000 * 4 / 2**20, 1)  # [P, N] float32
+    for case in ("chunked", "whole"):
+        assert got[case]["seconds"] > 0 and got[case]["peak_mib"] >= 0
+    # float32 rounding of another summation order, nothing more
+    assert all(0 <= diff < 1e-5 for diff in got["max_rel_diff"].values())
+    assert got["cpu"] and got["threads"] >= 1
+
+
 def test_eval_tiles_times_each_setting_and_checks_the_metrics(
     small_synthetic: Path, tmp_path: Path
 ) -> None:
@@ -65,7 +77,9 @@ def test_eval_tiles_times_each_setting_and_checks_the_metrics(
     assert got["metrics_equal_dense"] is True
 
 
-@pytest.mark.parametrize("module", ["bench.topk_memory", "bench.eval_tiles"])
+@pytest.mark.parametrize(
+    "module", ["bench.topk_memory", "bench.eval_tiles", "bench.softmax_memory"]
+)
 def test_help_names_the_command(module: str) -> None:
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=True)
