@@ -8,7 +8,9 @@
 Each ``--model NAME=SOURCE`` is a model file written by ``launcher/train.py``
 (``RUN/best_model.pt``), a committed training checkpoint folder (``RUN/checkpoints/step-N``),
 or ``reference:PATH``, a published ELCRec state_dict (loaded with ``weights_only=True``). Every
-model ranks every user of ``--split`` by full ranking, exactly as ``launcher/evaluate.py`` does;
+model ranks every user of ``--split`` by full ranking, exactly as ``launcher/evaluate.py`` does,
+history items by the config's ``eval.history_items`` (``score_zero`` in the paper's dataset
+configs, the rule behind the published rows; ``--set eval.history_items=exclude`` for the other);
 the per-user values (HR@k, NDCG@k, MRR) are kept.
 
 The first model is compared with each other one by a **paired bootstrap over users**: the users
@@ -42,7 +44,7 @@ from bench.reproduce import DATASET_FILES, HarnessError, paper_metrics, parse_sp
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import Split, eval_batch
-from elcrec_dist.evaluation import answer_ranks
+from elcrec_dist.evaluation import HistoryItems, answer_ranks
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
 from elcrec_dist.reference import load_reference
@@ -71,16 +73,23 @@ def load_compared_model(source: str, config: ExperimentConfig, num_items: int) -
 
 @torch.no_grad()
 def user_ranks(
-    model: ELCRec, sequences: Sequence[np.ndarray], *, split: Split, batch_size: int
+    model: ELCRec,
+    sequences: Sequence[np.ndarray],
+    *,
+    split: Split,
+    batch_size: int,
+    history_items: HistoryItems = "exclude",
 ) -> np.ndarray:
-    """0-based full-ranking rank of every user's answer (the rule of ``answer_ranks``). -> [U]."""
+    """0-based full-ranking rank of every user's answer (the rule of ``answer_ranks``, history
+    items treated by ``history_items``). -> [U]."""
     model.eval()
     out = []
     for start in range(0, len(sequences), batch_size):
         batch = eval_batch(sequences[start : start + batch_size], split, model.config.max_len)
         hidden = model(batch.inputs, last_only=True)
         scores = model.score_all(model.user_vector(hidden)).float()
-        out.append(answer_ranks(scores, batch.answers, batch.history).numpy())
+        out.append(answer_ranks(scores, batch.answers, batch.history,
+                                history_items=history_items).numpy())
     return np.concatenate(out)
 
 
@@ -253,11 +262,13 @@ def main() -> int:
     names: list[str] = []
     for name, source in models:
         model = load_compared_model(source, config, info.num_items)
-        ranks = user_ranks(model, sequences, split=args.split, batch_size=config.eval.batch_size)
+        ranks = user_ranks(model, sequences, split=args.split, batch_size=config.eval.batch_size,
+                           history_items=config.eval.history_items)
         names, values[name] = per_user_values(ranks, config.eval.ks)
     (first_name, _), *others = models
     report: dict[str, object] = {
         "split": args.split,
+        "history_items": config.eval.history_items,
         "users": len(sequences),
         "resamples": args.resamples,
         "metrics": {
@@ -274,7 +285,8 @@ def main() -> int:
     comparisons: dict[str, dict[str, dict[str, object]]] = report["comparisons"]  # type: ignore[assignment]
     for other, _ in others:
         print_rows(
-            f"{first_name} vs {other} ({args.split}, {len(sequences)} users, "
+            f"{first_name} vs {other} ({args.split}, history {config.eval.history_items}, "
+            f"{len(sequences)} users, "
             f"{args.resamples} paired resamples):",
             comparisons[f"{first_name} vs {other}"], "other",
         )
@@ -285,6 +297,7 @@ def main() -> int:
         report["published"] = {"dataset": args.published, "row": paper, first_name: beside}
         print_rows(
             f"{first_name} vs the published {args.published} row ({args.split}, "
+            f"history {config.eval.history_items}, "
             f"{len(sequences)} users, {args.resamples} resamples of the users):",
             beside, "published",
         )

@@ -276,6 +276,11 @@ class EvalConfig:
     # Items scored at a time (elcrec_dist.evaluation): memory follows batch_size x tile_items,
     # not the catalogue; the metrics do not depend on it.
     tile_items: int = 16384
+    # The items of a user's input history (elcrec_dist.evaluation): "exclude" leaves them out of
+    # the ranking and keeps a repeated answer rankable; "score_zero" is the reference run's rule
+    # behind the paper's Table 1 (their scores set to 0, a repeated answer's too). The paper's
+    # dataset configs use score_zero; they differ where answers repeat history items (Yelp).
+    history_items: Literal["exclude", "score_zero"] = "exclude"
     # Validation users: a seeded fixed sample of this many (the same users every epoch, at any
     # world size), or null for every user. The test pass always covers every user.
     valid_users: int | None = None
@@ -288,6 +293,8 @@ class EvalConfig:
     def validate(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size must be >= 1")
         require(self.tile_items >= 1, f"eval.tile_items must be >= 1, got {self.tile_items}")
+        require(self.history_items in ("exclude", "score_zero"),
+                f"eval.history_items must be exclude or score_zero, got {self.history_items!r}")
         require(self.valid_users is None or self.valid_users >= 1,
                 f"eval.valid_users must be >= 1 or null (every user), got {self.valid_users}")
         require(self.sampled_negatives >= 0,

@@ -1,10 +1,19 @@
 """Full-ranking evaluation and top-K recommendation (spec: "Evaluation").
 
-Every item 1..N is a candidate; the padding id 0 never is. Items of the user's input history are
-excluded (they never count as ranked above the answer), except the answer itself when it also
-occurs in the history, which keeps its score: a repeated purchase stays rankable instead of
-becoming an automatic miss. The reference run wrote 0 into excluded scores instead; on the
-benchmark files (no test answer repeats a history item in Beauty) this gives the same metrics.
+Two rules for the items of the user's input history (``eval.history_items``):
+
+- ``exclude`` (the default): every item 1..N is a candidate and the padding id 0 never is.
+  History items are excluded (they never count as ranked above the answer), except the answer
+  itself when it also occurs in the history, which keeps its score: a repeated purchase stays
+  rankable instead of becoming an automatic miss, and no rank depends on the sign of a score.
+- ``score_zero``: the reference run's rule, which produced the paper's Table 1. Every history
+  item's score is set to 0, the answer's included when it repeats a history item, and every id
+  0..N stays a candidate (the padding row with its own score). An answer scoring below 0 then
+  falls behind the whole history, and a repeated answer competes at 0. Where no answer repeats
+  a history item and answers ranked in the top K score above 0 (the Amazon benchmark files) the
+  two rules give the same metrics; on Yelp 6.6 % of test answers repeat a history item and they
+  do not. (The reference run's table also had one unused extra id, always a sampled negative;
+  our tables do not, and it could only count where an answer scores that low.)
 
 Ties are broken pessimistically: the answer's 0-based rank is the number of *other* candidates
 whose score is >= its own, so a model that scores everything equal gets no credit.
@@ -33,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,6 +52,13 @@ from elcrec_dist.data import EvalBatch, Split, eval_batch
 from elcrec_dist.model import ELCRec
 
 DEFAULT_TILE_ITEMS = EvalConfig.tile_items
+HistoryItems = Literal["exclude", "score_zero"]
+HISTORY_ITEMS: tuple[HistoryItems, ...] = ("exclude", "score_zero")
+
+
+def _check_history_items(history_items: str) -> None:
+    if history_items not in HISTORY_ITEMS:
+        raise ValueError(f"history_items must be one of {HISTORY_ITEMS}, got {history_items!r}")
 
 
 def _excluded_history(
@@ -56,17 +73,31 @@ def _excluded_history(
 
 
 def answer_ranks(
-    scores: torch.Tensor, answers: torch.Tensor, history: torch.Tensor
+    scores: torch.Tensor,
+    answers: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    history_items: HistoryItems = "exclude",
 ) -> torch.Tensor:
     """0-based pessimistic rank of each answer among the candidates (dense reference).
 
-    scores: [B, N + 1] (column 0 is padding); answers: [B]; history: [B, L] item ids to exclude,
-    0 where empty. Returns [B] int64. ``scores`` is not modified.
+    scores: [B, N + 1] (column 0 is padding); answers: [B]; history: [B, L] item ids, 0 where
+    empty. Returns [B] int64. ``scores`` is not modified.
 
-    One pass over the score matrix: count every column scoring >= the answer, then take back
-    the padding column and the distinct history items (other than the answer) that were
-    counted, which are found in the small [B, L] history instead of writing -inf into [B, N+1].
+    ``exclude``: one pass over the score matrix: count every column scoring >= the answer, then
+    take back the padding column and the distinct history items (other than the answer) that
+    were counted, which are found in the small [B, L] history instead of writing -inf into
+    [B, N+1]. ``score_zero``: a copy with 0 written over the history items, as the reference run
+    did, and every column but the answer's own counted against it.
     """
+    _check_history_items(history_items)
+    if history_items == "score_zero":
+        zeroed = scores.clone()
+        rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(history)
+        real = history > 0
+        zeroed[rows[real], history[real]] = 0.0
+        target = zeroed.gather(1, answers[:, None])  # [B, 1]
+        return (zeroed >= target).sum(dim=1) - 1  # the answer's own column always counts
     answer_scores = scores.gather(1, answers[:, None])  # [B, 1]
     at_least = (scores >= answer_scores).sum(dim=1)  # includes the answer itself
     ordered, excluded = _excluded_history(history, answers)
@@ -113,21 +144,33 @@ def tiled_answer_ranks(
     history: torch.Tensor,
     *,
     tile_items: int,
+    history_items: HistoryItems = "exclude",
 ) -> torch.Tensor:
     """``answer_ranks`` without the [B, N + 1] matrix: users [B, D], table [N + 1, D] (row 0
     padding), answers [B], history [B, L] (0 where empty) -> [B] int64.
 
-    Per tile of items: count those scoring >= the answer, then take back the excluded history
-    items and the answer itself that lie in the tile (found in the small [B, L] history)."""
-    threshold = answer_scores(users, table, answers)[:, None]  # [B, 1]
+    Per tile of items: count those scoring >= the answer, then take back the history items and
+    the answer itself that lie in the tile (found in the small [B, L] history). Under
+    ``score_zero`` the answer's score is 0 when it repeats a history item, each history item in
+    the tile counts again by its score of 0, and the padding row counts by its own score."""
+    _check_history_items(history_items)
+    zero = history_items == "score_zero"
     ordered, excluded = _excluded_history(history, answers)
+    threshold = answer_scores(users, table, answers)[:, None]  # [B, 1]
     count = torch.zeros(users.shape[0], dtype=torch.int64, device=users.device)
+    if zero:
+        repeats = (ordered == answers[:, None]).any(dim=1)  # [B]
+        threshold = torch.where(repeats[:, None], 0.0, threshold)
+        count += (score_tile(users, table, 0, 1)[:, 0] >= threshold[:, 0]).long()
+        history_counts = threshold[:, 0] <= 0.0  # [B]: does a history item's 0 reach the answer
     for lo, hi in tile_ranges(table.shape[0] - 1, tile_items):
         at_least = score_tile(users, table, lo, hi) >= threshold  # [B, T]
         count += at_least.sum(dim=1, dtype=torch.int32)  # half the time of an int64 sum
         inside = excluded & (ordered >= lo) & (ordered < hi)  # [B, L]
         taken = inside & at_least.gather(1, torch.where(inside, ordered - lo, 0))
         count -= taken.sum(dim=1)
+        if zero:
+            count += (inside & history_counts[:, None]).sum(dim=1)
         own = (answers >= lo) & (answers < hi)  # [B]
         itself = at_least.gather(1, torch.where(own, answers - lo, 0)[:, None])[:, 0]
         count -= (own & itself).long()
@@ -266,8 +309,21 @@ def dense_top_k(
     )
 
 
-def naive_answer_rank(scores: Sequence[float], answer: int, history: Iterable[int]) -> int:
-    """Readable reference for one user: the same rule as ``answer_ranks``, by a plain loop."""
+def naive_answer_rank(
+    scores: Sequence[float],
+    answer: int,
+    history: Iterable[int],
+    history_items: HistoryItems = "exclude",
+) -> int:
+    """Readable reference for one user: the same rules as ``answer_ranks``, by a plain loop."""
+    _check_history_items(history_items)
+    if history_items == "score_zero":
+        zeroed = list(scores)
+        for item in history:
+            if item > 0:
+                zeroed[item] = 0.0
+        return sum(1 for item in range(len(zeroed)) if item != answer
+                   and zeroed[item] >= zeroed[answer])
     excluded = set(history) - {answer}
     target = scores[answer]
     rank = 0
@@ -316,6 +372,7 @@ def evaluate_batch(
     ks: Sequence[int],
     *,
     tile_items: int | None = DEFAULT_TILE_ITEMS,
+    history_items: HistoryItems = "exclude",
 ) -> dict[str, float]:
     """Metric sums for one batch, model in whatever mode the caller set (eval for ranking).
 
@@ -323,10 +380,12 @@ def evaluate_batch(
     users = user_vectors(model, batch.inputs)  # [B, D]
     answers, history = batch.answers.to(users.device), batch.history.to(users.device)
     if tile_items is None:
-        ranks = answer_ranks(model.score_all(users).float(), answers, history)
+        ranks = answer_ranks(model.score_all(users).float(), answers, history,
+                             history_items=history_items)
     else:
         table = model.item_embeddings.weight
-        ranks = tiled_answer_ranks(users, table, answers, history, tile_items=tile_items)
+        ranks = tiled_answer_ranks(users, table, answers, history, tile_items=tile_items,
+                                   history_items=history_items)
     return metric_sums(ranks, ks)
 
 
@@ -362,10 +421,12 @@ def evaluate_sums(
     ks: Sequence[int] = (5, 10, 20),
     batch_size: int = 1024,
     tile_items: int | None = DEFAULT_TILE_ITEMS,
+    history_items: HistoryItems = "exclude",
     progress: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Full-rank metric sums and user count over ``sequences`` for ``split`` (eval mode),
-    the catalogue scored ``tile_items`` items at a time (None: the dense reference)."""
+    the catalogue scored ``tile_items`` items at a time (None: the dense reference), history
+    items treated by ``history_items`` (module docstring)."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -378,7 +439,8 @@ def evaluate_sums(
         for start in starts:
             chunk = sequences[start : start + batch_size]
             batch = eval_batch(chunk, split, model.config.max_len)
-            sums = evaluate_batch(model, batch, ks, tile_items=tile_items)
+            sums = evaluate_batch(model, batch, ks, tile_items=tile_items,
+                                  history_items=history_items)
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + value
     finally:

@@ -64,7 +64,7 @@ def main() -> int:
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     ev = config.eval
     metrics = evaluate(model, sequences, split=args.split, ks=ev.ks, batch_size=ev.batch_size,
-                       tile_items=ev.tile_items)
+                       tile_items=ev.tile_items, history_items=ev.history_items)
     print_json_line(metrics)
     return 0
 

@@ -16,6 +16,7 @@ import torch
 from elcrec_dist.config import ConfigError, ModelConfig, load_config
 from elcrec_dist.data import eval_batch
 from elcrec_dist.evaluation import (
+    HistoryItems,
     answer_ranks,
     dense_top_k,
     evaluate_sums,
@@ -39,10 +40,12 @@ def one_column(scores: list[float]) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32)[:, None]  # [N + 1, 1]
 
 
-def tiled_rank(scores: list[float], answer: int, history: list[int], tile: int) -> int:
+def tiled_rank(
+    scores: list[float], answer: int, history: list[int], tile: int, rule: HistoryItems = "exclude"
+) -> int:
     ranks = tiled_answer_ranks(
         torch.ones(1, 1), one_column(scores), torch.tensor([answer]),
-        torch.tensor([history or [0]]), tile_items=tile,
+        torch.tensor([history or [0]]), tile_items=tile, history_items=rule,
     )
     return int(ranks[0])
 
@@ -59,6 +62,28 @@ def test_tiled_rank_by_hand(tile: int) -> None:
     assert tiled_rank(SCORES, 1, [5, 3, 3, 0], tile) == 1
     # the answer in its own history keeps its score: a repeated purchase is still rankable
     assert tiled_rank(SCORES, 1, [1, 1], tile) == 3
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4, 5, 100])
+def test_tiled_rank_by_hand_under_the_reference_rule(tile: int) -> None:
+    """``score_zero``: history scores become 0 and the padding row is a candidate."""
+    zero: HistoryItems = "score_zero"
+    # no history: the padding row's 9.0 counts too -> 4 (3 under exclude)
+    assert tiled_rank(SCORES, 1, [], tile, zero) == 4
+    # history 5 and 3 score 0, below the answer's 0.5: only the padding row and item 2 -> 2
+    assert tiled_rank(SCORES, 1, [5, 3, 3, 0], tile, zero) == 2
+    # the answer repeats a history item: it competes at 0, and every other candidate (padding
+    # 9.0, item 2 zeroed to 0 (a tie), 3, 4, 5) is >= 0 -> 5, last (2 under exclude)
+    assert tiled_rank(SCORES, 1, [1, 2], tile, zero) == 5
+    assert tiled_rank(SCORES, 1, [1, 2], tile) == 2
+    #             pad    1     2      3     4
+    negative = [-1.0, 0.25, -0.5, -0.25, 0.5]
+    # an answer scoring below 0 (item 3, -0.25) falls behind its history (1 and 4, now 0):
+    # 2 under score_zero, first (0) under exclude
+    assert tiled_rank(negative, 3, [1, 4], tile, zero) == 2
+    assert tiled_rank(negative, 3, [1, 4], tile) == 0
+    # nothing in the history: the same rank under both rules, the padding row being below
+    assert tiled_rank(negative, 3, [], tile, zero) == tiled_rank(negative, 3, [], tile) == 2
 
 
 def top(scores: list[float], history: list[int], k: int, tile: int, keep: bool = False):
@@ -110,6 +135,11 @@ def test_bad_arguments_are_refused() -> None:
         tiled_answer_ranks(users, table, torch.tensor([1]), history, tile_items=0)
     with pytest.raises(ConfigError, match=r"eval\.tile_items must be >= 1, got 0"):
         load_config(None, ["eval.tile_items=0"])
+    with pytest.raises(ValueError, match="history_items must be one of"):
+        tiled_answer_ranks(users, table, torch.tensor([1]), history, tile_items=2,
+                           history_items="minus_inf")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"eval\.history_items"):
+        load_config(None, ["eval.history_items=minus_inf"])
 
 
 def test_tiles_cover_every_item_once() -> None:
@@ -148,18 +178,43 @@ def tile_sizes(num_items: int) -> list[int]:
     return sorted({1, 2, 3, *halves, num_items, num_items + 5})
 
 
+@pytest.mark.parametrize("rule", ["exclude", "score_zero"])
 @pytest.mark.parametrize("seed", range(8))
-def test_tiled_ranks_equal_dense_and_the_naive_loop(seed: int) -> None:
+def test_tiled_ranks_equal_dense_and_the_naive_loop(seed: int, rule: HistoryItems) -> None:
     users, table, answers, history = integer_problem(seed)
     dense = users @ table.T  # [B, N + 1]
-    want = answer_ranks(dense, answers, history)
+    before = dense.clone()
+    want = answer_ranks(dense, answers, history, history_items=rule)
+    assert torch.equal(dense, before)  # the scores are not written into
     for row in range(len(users)):
-        naive = naive_answer_rank(dense[row].tolist(), int(answers[row]), history[row].tolist())
+        naive = naive_answer_rank(dense[row].tolist(), int(answers[row]), history[row].tolist(),
+                                  rule)
         assert int(want[row]) == naive, row
     num_items = table.shape[0] - 1
     for tile in tile_sizes(num_items):
-        got = tiled_answer_ranks(users, table, answers, history, tile_items=tile)
+        got = tiled_answer_ranks(users, table, answers, history, tile_items=tile,
+                                 history_items=rule)
         assert torch.equal(got, want), (num_items, tile)
+
+
+def test_the_two_history_rules_differ_where_the_problem_says_they_should() -> None:
+    """Over the random problems: a user whose answer is not in its history and scores above 0
+    while the padding row scores below it gets the same rank under both rules; repeated answers
+    and answers below 0 do move (the problems hold both)."""
+    moved = same = 0
+    for seed in range(8):
+        users, table, answers, history = integer_problem(seed)
+        dense = users @ table.T
+        excl = answer_ranks(dense, answers, history)
+        zero = answer_ranks(dense, answers, history, history_items="score_zero")
+        own = dense.gather(1, answers[:, None])[:, 0]
+        repeats = (history == answers[:, None]).any(dim=1)
+        plain = ~repeats & (own > 0) & (dense[:, 0] < own)
+        assert torch.equal(excl[plain], zero[plain])
+        same += int(plain.sum())
+        moved += int((excl != zero).sum())
+        assert bool((zero[repeats & (own > 0)] >= excl[repeats & (own > 0)]).all())
+    assert same > 20 and moved > 20
     # ties are common here: the pessimistic rule is exercised
     answer_scores = dense.gather(1, answers[:, None])
     assert int(((dense[:, 1:] == answer_scores).sum(1) > 1).sum()) > 0
@@ -245,14 +300,17 @@ def test_recommend_is_top_k_of_the_users_vectors() -> None:
         assert not set(want) & set(batch.history[row].tolist())
 
 
-def test_evaluate_sums_tiled_equal_dense_on_a_model() -> None:
+@pytest.mark.parametrize("rule", ["exclude", "score_zero"])
+def test_evaluate_sums_tiled_equal_dense_on_a_model(rule: HistoryItems) -> None:
     model = signed_axis_model()
     seqs = random_sequences(50)
     for split in ("valid", "test"):
-        dense, n = evaluate_sums(model, seqs, split=split, ks=(1, 5, 10), tile_items=None)
+        dense, n = evaluate_sums(model, seqs, split=split, ks=(1, 5, 10), tile_items=None,
+                                 history_items=rule)
         assert 0 < dense["MRR"] < n  # neither all hits nor all misses
         for tile in (1, 5, 36, 37, 100):
-            tiled, m = evaluate_sums(model, seqs, split=split, ks=(1, 5, 10), tile_items=tile)
+            tiled, m = evaluate_sums(model, seqs, split=split, ks=(1, 5, 10), tile_items=tile,
+                                     history_items=rule)
             assert (tiled, m) == (dense, n), tile
 
 

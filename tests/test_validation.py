@@ -199,3 +199,22 @@ def test_two_ranks_validate_the_same_sample_with_the_same_metrics(dataset: Path,
                            config, split="valid", device=DEVICE)
     assert set(two) == set(one) and any(k.startswith("sampled_pop50/") for k in one)
     assert two == pytest.approx(one, abs=1e-12)
+
+
+def test_validation_and_test_rank_by_the_configs_history_rule(dataset: Path) -> None:
+    """``eval.history_items`` reaches the sharded pass the trainer runs: each rule equals the
+    dense reference under that rule, and the two differ on data where answers repeat history
+    items (the synthetic users revisit items, as Yelp's do)."""
+    data = StreamingDataset.open(str(dataset))
+    _, _, sequences = load_sequences(str(dataset))
+    repeats = sum(int(seq[-1] in set(seq[:-1].tolist())) for seq in sequences)
+    assert repeats > 20  # the premise: answers that repeat a history item
+    got = {}
+    for rule in ("exclude", "score_zero"):
+        config = _config(f"eval.history_items={rule}")
+        model = _model(config, data.info.num_items)
+        got[rule] = evaluate_sharded(model, data, config, split="test", device=DEVICE)
+        sums, n = evaluate_sums(model, sequences, split="test", ks=config.eval.ks,
+                                tile_items=None, history_items=config.eval.history_items)
+        assert got[rule] == pytest.approx(finalize(sums, n), abs=1e-12)
+    assert got["exclude"]["HR@20"] != got["score_zero"]["HR@20"]

@@ -1,6 +1,7 @@
 """Evaluation over a streamed dataset, sharded over ranks: each rank ranks its share of the
 users, metric sums and user counts are added over ranks, then divided. The ranking itself
-(full ranking in item tiles of ``eval.tile_items``, history excluded, pessimistic ties) is
+(full ranking in item tiles of ``eval.tile_items``, history items by ``eval.history_items``,
+pessimistic ties) is
 ``elcrec_dist.evaluation``'s; this module is the one loop that runs it over a dataset, for the
 model and for the popularity baseline.
 
@@ -126,7 +127,8 @@ def evaluate_sharded(
 
     def sums_of(chunk: UserRows) -> tuple[dict[str, float], int]:
         sums, n = evaluate_sums(model, chunk.sequences, split=split, ks=ev.ks,
-                                batch_size=ev.batch_size, tile_items=ev.tile_items)
+                                batch_size=ev.batch_size, tile_items=ev.tile_items,
+                                history_items=ev.history_items)
         if sampler is not None:
             sums.update(sampled_sums(model, chunk.user_ids, chunk.sequences, split=split,
                                      sampler=sampler, ks=ev.ks, batch_size=ev.batch_size))
