@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from elcrec_dist.clustering import nearest_centre, normalized_mutual_info
 from elcrec_dist.data import Split, eval_batch, train_pairs
 from elcrec_dist.embed import pooled_embeddings
-from elcrec_dist.evaluation import answer_ranks, finalize, metric_sums
+from elcrec_dist.evaluation import HistoryItems, answer_ranks, finalize, metric_sums
 from elcrec_dist.model import ELCRec
 
 
@@ -29,16 +29,22 @@ def item_counts(sequences: Sequence[np.ndarray], *, num_items: int) -> np.ndarra
 
 
 def popularity_sums(
-    sequences: Sequence[np.ndarray], counts: np.ndarray, *, split: Split, ks: Sequence[int]
+    sequences: Sequence[np.ndarray],
+    counts: np.ndarray,
+    *,
+    split: Split,
+    ks: Sequence[int],
+    history_items: HistoryItems = "exclude",
 ) -> dict[str, float]:
-    """Metric sums of ranking every item by ``counts``, same protocol as the model."""
+    """Metric sums of ranking every item by ``counts``, same protocol as the model (history
+    items by ``history_items``)."""
     scores_row = torch.from_numpy(counts)
     totals = {name: 0.0 for name in [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["MRR"]}
     for start in range(0, len(sequences), 1024):
         batch = eval_batch(sequences[start : start + 1024], split, max_len=1)
         scores = scores_row.expand(len(batch.answers), -1)
         for name, value in metric_sums(
-            answer_ranks(scores, batch.answers, batch.history), ks
+            answer_ranks(scores, batch.answers, batch.history, history_items=history_items), ks
         ).items():
             totals[name] += value
     return totals

@@ -21,7 +21,7 @@ from launch import deepspeed_command, deepspeed_env
 
 from data_prep.synthetic import SyntheticSpec
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
-from elcrec_dist.evaluation import evaluate_sums, finalize
+from elcrec_dist.evaluation import HistoryItems, evaluate_sums, finalize
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
 from elcrec_dist.sampled_metrics import NegativeSampler, sampled_ranks
@@ -218,3 +218,17 @@ def test_validation_and_test_rank_by_the_configs_history_rule(dataset: Path) -> 
                                 tile_items=None, history_items=config.eval.history_items)
         assert got[rule] == pytest.approx(finalize(sums, n), abs=1e-12)
     assert got["exclude"]["HR@20"] != got["score_zero"]["HR@20"]
+
+
+@pytest.mark.parametrize("rule", ["exclude", "score_zero"])
+def test_the_popularity_baseline_ranks_by_the_same_history_rule(rule: HistoryItems) -> None:
+    """``popularity_sums`` against a naive loop over the training counts, under each rule."""
+    from elcrec_dist.diagnostics import item_counts, popularity_sums
+    from elcrec_dist.evaluation import metric_sums, naive_answer_rank
+
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(1, 16, size=int(rng.integers(4, 12))) for _ in range(60)]
+    counts = item_counts(seqs, num_items=15)
+    got = popularity_sums(seqs, counts, split="test", ks=(1, 5), history_items=rule)
+    ranks = [naive_answer_rank(counts.tolist(), int(s[-1]), s[:-1].tolist(), rule) for s in seqs]
+    assert got == pytest.approx(metric_sums(torch.tensor(ranks), (1, 5)), abs=1e-12)

@@ -155,7 +155,8 @@ def popularity_sharded(
     ks = config.eval.ks
 
     def sums_of(chunk: UserRows) -> tuple[dict[str, float], int]:
-        return popularity_sums(chunk.sequences, counts, split="test", ks=ks), len(chunk)
+        return popularity_sums(chunk.sequences, counts, split="test", ks=ks,
+                               history_items=config.eval.history_items), len(chunk)
 
     rank, world = dist_utils.rank(), dist_utils.world_size()
     chunks = data.eval_sequences(rank=rank, world=world, batch_size=1024)
