@@ -11,7 +11,7 @@ Two rules for the items of the user's input history (``eval.history_items``):
   0..N stays a candidate (the padding row with its own score). An answer scoring below 0 then
   falls behind the whole history, and a repeated answer competes at 0. Where no answer repeats
   a history item and answers ranked in the top K score above 0 (the Amazon benchmark files) the
-  two rules give the same metrics; on Yelp 6.6 % of test answers repeat a history item and they
+  two rules give the same metrics; on Yelp 6.7 % of test answers repeat a history item and they
   do not. (The reference run's table also had one unused extra id, always a sampled negative;
   our tables do not, and it could only count where an answer scores that low.)
 
