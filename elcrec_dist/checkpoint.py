@@ -202,26 +202,42 @@ class ConfigChanges:
     dropped: list[str]  # keys the checkpoint records that this version no longer has
 
 
+UNRECORDED = "not recorded (written before the key existed)"
+
+
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
     """Compare the config a checkpoint recorded with the one a resume brings (both ``to_dict``
-    form)."""
+    form).
+
+    A key the checkpoint does not record was added after it was written; the code that wrote it
+    behaved as the key's default does (a new key's default keeps the old behaviour). So such a
+    key set away from its default changes what the run computes, like any recorded key, and is
+    listed as changed with ``UNRECORDED`` and the default as its old value."""
     old = _flatten(json.loads(json.dumps(stored)))  # the JSON round trip a checkpoint went through
     new = _flatten(json.loads(json.dumps(current)))
+    defaults = _flatten(json.loads(json.dumps(ExperimentConfig().to_dict())))
     resumable = RESUMABLE_KEYS
     if old.get("train.lr_schedule", "constant") != "constant":
         resumable = RESUMABLE_KEYS - {"train.epochs"}  # the schedule's length: its rate per step
-    changed = {
+    changed: dict[str, tuple[Any, Any]] = {
         key: (old[key], new[key])
         for key in sorted(old.keys() & new.keys())
         if old[key] != new[key] and key not in resumable
     }
-    return ConfigChanges(changed, sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()))
+    unrecorded = sorted(new.keys() - old.keys())
+    for key in unrecorded:
+        if key in defaults and new[key] != defaults[key] and key not in resumable:
+            changed[key] = (f"{UNRECORDED}, so the default {defaults[key]!r}", new[key])
+    return ConfigChanges(dict(sorted(changed.items())), unrecorded,
+                         sorted(old.keys() - new.keys()))
 
 
 def _refuse_changed_config(folder: Folder | Path, changes: ConfigChanges) -> None:
     if changes.changed:
         listed = "; ".join(
-            f"{key}: {before!r} in the checkpoint, {after!r} now"
+            f"{key}: {before} in the checkpoint, {after!r} now"
+            if isinstance(before, str) and before.startswith(UNRECORDED)
+            else f"{key}: {before!r} in the checkpoint, {after!r} now"
             for key, (before, after) in changes.changed.items()
         )
         raise CheckpointError(

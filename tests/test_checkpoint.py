@@ -76,6 +76,28 @@ def test_keys_an_older_checkpoint_lacks_are_reported_not_refused() -> None:
     )  # nothing refused
 
 
+def test_a_key_an_older_checkpoint_lacks_may_not_leave_its_default() -> None:
+    """The code that wrote an older checkpoint behaved as a new key's default does: a resume
+    that sets the key elsewhere changes what the run computes (a Yelp run started before
+    eval.history_items existed, resumed under configs/yelp.yaml's score_zero)."""
+    stored = _config()
+    del stored["eval"]["history_items"], stored["loss"]["centre_gradient"]
+    current = _config("eval.history_items=score_zero")  # centre_gradient stays at its default
+    changes = ckpt.config_changes(stored, current)
+    assert changes.unrecorded == ["eval.history_items", "loss.centre_gradient"]
+    assert list(changes.changed) == ["eval.history_items"]
+    before, after = changes.changed["eval.history_items"]
+    assert before.startswith(ckpt.UNRECORDED) and "'exclude'" in before and after == "score_zero"
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"eval\.history_items: not recorded .* the default 'exclude' in the "
+                             r"checkpoint, 'score_zero' now"):
+        ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}, world=1)
+    # a resumable key left out and set elsewhere is still only reported
+    del stored["eval"]["tile_items"]
+    assert "eval.tile_items" not in ckpt.config_changes(
+        stored, _config("eval.history_items=score_zero", "eval.tile_items=7")).changed
+
+
 def test_newest_record_reads_the_newest_commit_record(tmp_path: Path) -> None:
     root = tmp_path / ckpt.CHECKPOINTS
     for step, lr in ((10, 0.1), (20, 0.2)):
