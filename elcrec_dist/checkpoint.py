@@ -212,7 +212,8 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
     A key the checkpoint does not record was added after it was written; the code that wrote it
     behaved as the key's default does (a new key's default keeps the old behaviour). So such a
     key set away from its default changes what the run computes, like any recorded key, and is
-    listed as changed with ``UNRECORDED`` and the default as its old value."""
+    listed as changed with ``UNRECORDED`` and the default as its old value. A record with no
+    config at all says nothing about any key: its keys are only listed as unrecorded."""
     old = _flatten(json.loads(json.dumps(stored)))  # the JSON round trip a checkpoint went through
     new = _flatten(json.loads(json.dumps(current)))
     defaults = _flatten(json.loads(json.dumps(ExperimentConfig().to_dict())))
@@ -225,7 +226,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
         if old[key] != new[key] and key not in resumable
     }
     unrecorded = sorted(new.keys() - old.keys())
-    for key in unrecorded:
+    for key in unrecorded if old else ():
         if key in defaults and new[key] != defaults[key] and key not in resumable:
             changed[key] = (f"{UNRECORDED}, so the default {defaults[key]!r}", new[key])
     return ConfigChanges(dict(sorted(changed.items())), unrecorded,

@@ -92,6 +92,8 @@ def test_a_key_an_older_checkpoint_lacks_may_not_leave_its_default() -> None:
                        match=r"eval\.history_items: not recorded .* the default 'exclude' in the "
                              r"checkpoint, 'score_zero' now"):
         ckpt.check_resume(Path("x"), {"config": stored}, config=current, dataset={}, world=1)
+    # a record without any config says nothing about any key
+    assert ckpt.config_changes({}, current).changed == {}
     # a resumable key left out and set elsewhere is still only reported
     del stored["eval"]["tile_items"]
     assert "eval.tile_items" not in ckpt.config_changes(
