@@ -268,6 +268,11 @@ class TrainConfig:
         require(all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be in [0, 1)")
 
 
+# How the ranking treats a user's history items (elcrec_dist.evaluation's docstring).
+HistoryItems = Literal["exclude", "score_zero"]
+HISTORY_ITEMS: tuple[HistoryItems, ...] = ("exclude", "score_zero")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 1024
@@ -280,7 +285,7 @@ class EvalConfig:
     # the ranking and keeps a repeated answer rankable; "score_zero" is the reference run's rule
     # behind the paper's Table 1 (their scores set to 0, a repeated answer's too). The paper's
     # dataset configs use score_zero; they differ where answers repeat history items (Yelp).
-    history_items: Literal["exclude", "score_zero"] = "exclude"
+    history_items: HistoryItems = "exclude"
     # Validation users: a seeded fixed sample of this many (the same users every epoch, at any
     # world size), or null for every user. The test pass always covers every user.
     valid_users: int | None = None
@@ -293,8 +298,8 @@ class EvalConfig:
     def validate(self) -> None:
         require(self.batch_size >= 1, "eval.batch_size must be >= 1")
         require(self.tile_items >= 1, f"eval.tile_items must be >= 1, got {self.tile_items}")
-        require(self.history_items in ("exclude", "score_zero"),
-                f"eval.history_items must be exclude or score_zero, got {self.history_items!r}")
+        require(self.history_items in HISTORY_ITEMS,
+                f"eval.history_items must be one of {HISTORY_ITEMS}, got {self.history_items!r}")
         require(self.valid_users is None or self.valid_users >= 1,
                 f"eval.valid_users must be >= 1 or null (every user), got {self.valid_users}")
         require(self.sampled_negatives >= 0,

@@ -42,18 +42,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from elcrec_dist.config import EvalConfig
+from elcrec_dist.config import HISTORY_ITEMS, EvalConfig, HistoryItems
 from elcrec_dist.data import EvalBatch, Split, eval_batch
 from elcrec_dist.model import ELCRec
 
 DEFAULT_TILE_ITEMS = EvalConfig.tile_items
-HistoryItems = Literal["exclude", "score_zero"]
-HISTORY_ITEMS: tuple[HistoryItems, ...] = ("exclude", "score_zero")
 
 
 def _check_history_items(history_items: str) -> None:
