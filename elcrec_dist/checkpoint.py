@@ -205,6 +205,14 @@ class ConfigChanges:
 UNRECORDED = "not recorded (written before the key existed)"
 
 
+class _Unrecorded(str):
+    """The old value of a key its checkpoint predates: a sentence, printed without quotes by
+    every message that lists changed keys with ``!r``."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigChanges:
     """Compare the config a checkpoint recorded with the one a resume brings (both ``to_dict``
     form).
@@ -228,7 +236,8 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
     unrecorded = sorted(new.keys() - old.keys())
     for key in unrecorded if old else ():
         if key in defaults and new[key] != defaults[key] and key not in resumable:
-            changed[key] = (f"{UNRECORDED}, so the default {defaults[key]!r}", new[key])
+            changed[key] = (_Unrecorded(f"{UNRECORDED}, so the default {defaults[key]!r}"),
+                            new[key])
     return ConfigChanges(dict(sorted(changed.items())), unrecorded,
                          sorted(old.keys() - new.keys()))
 
@@ -236,9 +245,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> ConfigCha
 def _refuse_changed_config(folder: Folder | Path, changes: ConfigChanges) -> None:
     if changes.changed:
         listed = "; ".join(
-            f"{key}: {before} in the checkpoint, {after!r} now"
-            if isinstance(before, str) and before.startswith(UNRECORDED)
-            else f"{key}: {before!r} in the checkpoint, {after!r} now"
+            f"{key}: {before!r} in the checkpoint, {after!r} now"
             for key, (before, after) in changes.changed.items()
         )
         raise CheckpointError(
