@@ -28,6 +28,12 @@ not have (Sports, Yelp): per published metric, the first model's mean, the publi
 published figure is one number, so there is nothing to pair: the interval is the first model's
 own, divided by the published figure. One ``--model`` is enough then.
 
+``--by-repeat`` also splits the users by whether their answer is an item already in their
+history (a repeat: a place visited again, an item bought again) and reports, per group, the
+number of users, each model's means and the same paired comparison within the group. Under
+``score_zero`` a repeated answer scores 0 and ranks behind every positive score, so comparing the
+groups under both history rules shows how much of the rule's cost falls on those users.
+
 Prints one JSON object as the last stdout line.
 """
 
@@ -43,7 +49,7 @@ import torch
 from bench.reproduce import DATASET_FILES, HarnessError, paper_metrics, parse_spec
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
-from elcrec_dist.data import Split, eval_batch
+from elcrec_dist.data import Split, eval_batch, eval_pair
 from elcrec_dist.evaluation import HistoryItems, answer_ranks
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
@@ -91,6 +97,16 @@ def user_ranks(
         out.append(answer_ranks(scores, batch.answers, batch.history,
                                 history_items=history_items).numpy())
     return np.concatenate(out)
+
+
+def repeat_answers(sequences: Sequence[np.ndarray], split: Split) -> np.ndarray:
+    """Whether each user's ``split`` answer is already in the user's (untruncated) history,
+    the history ``answer_ranks`` is given. -> [U] bool."""
+    flags = []
+    for seq in sequences:
+        history, answer = eval_pair(seq, split)
+        flags.append(bool(np.any(history == answer)))
+    return np.array(flags, dtype=bool)
 
 
 def per_user_values(ranks: np.ndarray, ks: Sequence[int]) -> tuple[list[str], np.ndarray]:
@@ -160,11 +176,47 @@ def compare(
         a, b = float(first[:, m].mean()), float(other[:, m].mean())
         entry: dict[str, object] = {"first": a, "other": b, "relative": a / b - 1.0 if b else None}
         if resamples:
-            ok = other_means[:, m] > 0
-            entry["relative_95"] = interval(first_means[ok, m] / other_means[ok, m] - 1.0)
+            ok = other_means[:, m] > 0  # a resample where the other model has 0 has no ratio
+            entry["relative_95"] = (
+                interval(first_means[ok, m] / other_means[ok, m] - 1.0) if ok.any() else None
+            )
             entry["first_95"] = interval(first_means[:, m])
         result[name] = entry
     return result
+
+
+REPEAT_GROUPS = ("repeat", "new")
+
+
+def by_repeat(
+    names: list[str],
+    values: Mapping[str, np.ndarray],
+    repeat: np.ndarray,
+    first: str,
+    *,
+    resamples: int,
+    seed: int,
+) -> dict[str, dict[str, object]]:
+    """Per group of users (``repeat``: the answer is in the history; ``new``: it is not): the
+    users, each model's means over them and ``compare`` of ``first`` with each other model on
+    the group's rows. values: model -> [U, M]; repeat: [U] bool."""
+    groups: dict[str, dict[str, object]] = {}
+    for group, rows in zip(REPEAT_GROUPS, (repeat, ~repeat), strict=True):
+        entry: dict[str, object] = {"users": int(rows.sum())}
+        if rows.any():
+            entry["metrics"] = {
+                model: dict(zip(names, (float(v) for v in array[rows].mean(axis=0)), strict=True))
+                for model, array in values.items()
+            }
+            entry["comparisons"] = {
+                f"{first} vs {other}": compare(
+                    names, values[first][rows], array[rows], resamples=resamples, seed=seed
+                )
+                for other, array in values.items()
+                if other != first
+            }
+        groups[group] = entry
+    return groups
 
 
 def against_published(
@@ -214,8 +266,9 @@ def print_rows(title: str, entries: Mapping[str, Mapping[str, object]], other: s
     for metric, entry in entries.items():
         band = entry.get("relative_95")
         extra = f"  95% [{band[0]:+.1%}, {band[1]:+.1%}]" if isinstance(band, list) else ""
-        print(f"  {metric:8s} {entry['first']:.4f} vs {entry[other]:.4f}  "
-              f"{entry['relative']:+.1%}{extra}")
+        relative = entry["relative"]
+        change = f"{relative:+.1%}" if isinstance(relative, float) else "(no ratio: 0)"
+        print(f"  {metric:8s} {entry['first']:.4f} vs {entry[other]:.4f}  {change}{extra}")
 
 
 def main() -> int:
@@ -239,6 +292,12 @@ def main() -> int:
         "--published",
         choices=sorted(DATASET_FILES),
         help="also set the first model beside the paper's published row for this dataset",
+    )
+    parser.add_argument(
+        "--by-repeat",
+        action="store_true",
+        help="also report each model on the users whose answer repeats a history item, and on "
+        "the others",
     )
     parser.add_argument(
         "--shared", default="../shared", help="the folder holding docs/elcrec-method.md"
@@ -301,6 +360,17 @@ def main() -> int:
             f"{len(sequences)} users, {args.resamples} resamples of the users):",
             beside, "published",
         )
+    if args.by_repeat:
+        groups = by_repeat(names, values, repeat_answers(sequences, args.split), first_name,
+                           resamples=args.resamples, seed=args.seed)
+        report["by_repeat"] = groups
+        for group, entry in groups.items():
+            print(f"users whose answer is {'in' if group == 'repeat' else 'not in'} their "
+                  f"history: {entry['users']} of {len(sequences)}")
+            for model, means in entry.get("metrics", {}).items():  # type: ignore[attr-defined]
+                print(f"  {model:12s} " + "  ".join(f"{m} {v:.4f}" for m, v in means.items()))
+            for pair, rows in entry.get("comparisons", {}).items():  # type: ignore[attr-defined]
+                print_rows(f"  {pair}, {group} users:", rows, "other")
     print_json_line(report)
     return 0
 

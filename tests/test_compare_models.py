@@ -58,6 +58,13 @@ def test_identical_models_differ_by_exactly_nothing() -> None:
         assert entry["relative"] == 0.0 and entry["relative_95"] == [0.0, 0.0]
 
 
+def test_a_model_without_any_hit_has_no_ratio_instead_of_a_crash() -> None:
+    # Small groups (--by-repeat) can leave the other model at 0 in every resample.
+    entry = cm.compare(["HR@5"], np.array([[1.0], [0.0]]), np.zeros((2, 1)), resamples=10, seed=0)
+    assert entry["HR@5"]["relative"] is None and entry["HR@5"]["relative_95"] is None
+    assert entry["HR@5"]["first"] == 0.5 and len(entry["HR@5"]["first_95"]) == 2
+
+
 def test_against_published_equals_a_naive_loop() -> None:
     """Beside a published figure: the relative difference and its interval over the same
     resamples as a loop computes them; metrics the paper does not publish are left out."""
@@ -130,7 +137,7 @@ def test_ranks_and_the_entry_point_on_two_saved_models(
         [sys.executable, "-m", "bench.compare_models", "--config", "configs/demo.yaml",
          "--data", str(small_synthetic), "--model", f"one={paths[0]}", "--model", f"two={paths[1]}",
          "--split", "valid", "--resamples", "30", "--published", "beauty",
-         "--shared", str(SHARED)],
+         "--shared", str(SHARED), "--by-repeat"],
         check=True, cwd=REPO, capture_output=True, text=True,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -149,6 +156,19 @@ def test_ranks_and_the_entry_point_on_two_saved_models(
     assert entry["relative"] == pytest.approx(evaluated[0]["NDCG@20"] / evaluated[1]["NDCG@20"] - 1)
     low, high = entry["relative_95"]
     assert low <= high
+    # --by-repeat: the groups are the users whose valid answer is in their history (counted by
+    # a loop here) and the rest; their means, weighted by their users, give the overall means.
+    repeats = sum(int(seq[-2]) in {int(x) for x in seq[:-2]} for seq in sequences)
+    groups = report["by_repeat"]
+    assert groups["repeat"]["users"] == repeats
+    assert groups["new"]["users"] == len(sequences) - repeats
+    for name in ("one", "two"):
+        for metric, value in report["metrics"][name].items():
+            recombined = sum(
+                entry["users"] * entry["metrics"][name][metric]
+                for entry in groups.values() if entry["users"]
+            ) / len(sequences)
+            assert recombined == pytest.approx(value, abs=1e-12)
     # Beside the spec's published Beauty row, read here from its markdown line.
     spec = (SHARED / "docs" / "elcrec-method.md").read_text()
     table = spec[spec.index("## Published numbers"):].splitlines()
@@ -162,6 +182,30 @@ def test_ranks_and_the_entry_point_on_two_saved_models(
         assert beside[metric]["relative"] == pytest.approx(
             evaluated[0][metric] / value - 1, rel=1e-9
         )
+
+
+def test_repeat_answers_and_groups_by_hand() -> None:
+    sequences = [np.array(s) for s in ([1, 2, 3, 2, 9], [4, 5, 6, 7, 8], [3, 1, 5, 1, 1])]
+    # valid answers: 2 (in [1, 2, 3]), 7 (not in [4, 5, 6]), 1 (in [3, 1, 5]);
+    # test answers: 9 (not in [1, 2, 3, 2]), 8 (not), 1 (in [3, 1, 5, 1])
+    assert cm.repeat_answers(sequences, "valid").tolist() == [True, False, True]
+    assert cm.repeat_answers(sequences, "test").tolist() == [False, False, True]
+    names = ["HR@1", "MRR"]
+    one = np.array([[1.0, 1.0], [0.0, 0.25], [0.0, 0.5]])
+    two = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    groups = cm.by_repeat(names, {"one": one, "two": two}, np.array([True, False, True]), "one",
+                          resamples=0, seed=0)
+    assert list(groups) == ["repeat", "new"]
+    assert groups["repeat"]["users"] == 2 and groups["new"]["users"] == 1
+    assert groups["repeat"]["metrics"] == {"one": {"HR@1": 0.5, "MRR": 0.75},
+                                           "two": {"HR@1": 1.0, "MRR": 1.0}}
+    assert groups["new"]["metrics"]["one"] == {"HR@1": 0.0, "MRR": 0.25}
+    pair = groups["repeat"]["comparisons"]["one vs two"]
+    assert pair["HR@1"]["relative"] == pytest.approx(0.5 / 1.0 - 1)
+    assert pair["MRR"]["relative"] == pytest.approx(0.75 / 1.0 - 1)
+    # A group with no users has a count and nothing to average.
+    empty = cm.by_repeat(names, {"one": one}, np.zeros(3, dtype=bool), "one", resamples=0, seed=0)
+    assert empty["repeat"] == {"users": 0} and empty["new"]["users"] == 3
 
 
 def test_a_single_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
