@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -188,6 +189,15 @@ def compare(
 REPEAT_GROUPS = ("repeat", "new")
 
 
+class RepeatGroup(TypedDict, total=False):
+    """One group of ``by_repeat``: its users, and (when it has any) each model's means and the
+    comparisons of the first model with each other one."""
+
+    users: int
+    metrics: dict[str, dict[str, float]]
+    comparisons: dict[str, dict[str, dict[str, object]]]
+
+
 def by_repeat(
     names: list[str],
     values: Mapping[str, np.ndarray],
@@ -196,13 +206,13 @@ def by_repeat(
     *,
     resamples: int,
     seed: int,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, RepeatGroup]:
     """Per group of users (``repeat``: the answer is in the history; ``new``: it is not): the
     users, each model's means over them and ``compare`` of ``first`` with each other model on
     the group's rows. values: model -> [U, M]; repeat: [U] bool."""
-    groups: dict[str, dict[str, object]] = {}
+    groups: dict[str, RepeatGroup] = {}
     for group, rows in zip(REPEAT_GROUPS, (repeat, ~repeat), strict=True):
-        entry: dict[str, object] = {"users": int(rows.sum())}
+        entry: RepeatGroup = {"users": int(rows.sum())}
         if rows.any():
             entry["metrics"] = {
                 model: dict(zip(names, (float(v) for v in array[rows].mean(axis=0)), strict=True))
@@ -367,9 +377,9 @@ def main() -> int:
         for group, entry in groups.items():
             print(f"users whose answer is {'in' if group == 'repeat' else 'not in'} their "
                   f"history: {entry['users']} of {len(sequences)}")
-            for model, means in entry.get("metrics", {}).items():  # type: ignore[attr-defined]
-                print(f"  {model:12s} " + "  ".join(f"{m} {v:.4f}" for m, v in means.items()))
-            for pair, rows in entry.get("comparisons", {}).items():  # type: ignore[attr-defined]
+            for name, means in entry.get("metrics", {}).items():
+                print(f"  {name:12s} " + "  ".join(f"{m} {v:.4f}" for m, v in means.items()))
+            for pair, rows in entry.get("comparisons", {}).items():
                 print_rows(f"  {pair}, {group} users:", rows, "other")
     print_json_line(report)
     return 0
