@@ -384,16 +384,24 @@ class StreamingDataset:
 
     @classmethod
     def open(
-        cls, url: str, *, window_groups: int = WINDOW_GROUPS, prefetch: int = PREFETCH_WINDOWS
+        cls,
+        url: str,
+        *,
+        info: DatasetInfo | None = None,
+        window_groups: int = WINDOW_GROUPS,
+        prefetch: int = PREFETCH_WINDOWS,
     ) -> StreamingDataset:
-        """Read the manifest at ``url`` and list the row groups of every file it names.
+        """Read the manifest at ``url`` (or take ``info``, the one a caller has already read
+        from it, so both work from the same manifest) and list the row groups of every file it
+        names.
 
         Raises ``DatasetError`` (naming the file) when a file is missing, its size or its row
         count differs from the manifest, or its columns are not (user_id int64, items
         list<int32>). Checksums are not verified here: that would read every file on every rank
         (``verify_checksums`` splits that read over the ranks).
         """
-        info = read_info(url)
+        if info is None:
+            info = read_info(url)
         fs, root = _fs_and_root(url)
         jobs = [(posixpath.join(root, entry.path), entry) for entry in info.files]
         with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(jobs)))) as pool:

@@ -48,8 +48,8 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    trained, data_url, _ = trained_model_and_data(args.run, args.data)
-    data = StreamingDataset.open(data_url)
+    trained, data_url, info = trained_model_and_data(args.run, args.data)
+    data = StreamingDataset.open(data_url, info=info)
     settings = InferenceSettings(
         k=args.k, keep_history=args.keep_history, split=args.split, shard_users=args.shard_users,
         batch_size=trained.config.eval.batch_size, tile_items=trained.config.eval.tile_items,

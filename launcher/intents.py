@@ -33,8 +33,8 @@ def main() -> int:
     args = parser.parse_args()
     setup_console(main=True)
 
-    trained, url, _ = trained_model_and_data(args.run, args.data)
-    data = StreamingDataset.open(url)
+    trained, url, info = trained_model_and_data(args.run, args.data)
+    data = StreamingDataset.open(url, info=info)
     idmaps = IdMaps.open(url, data.info)
     out = OutputFolder(
         args.output, kind=FORMAT, request=report_request(trained, data.info.fingerprint())

@@ -191,6 +191,24 @@ def test_units_are_the_footers_row_groups(dataset: Path) -> None:
     assert ds.stats.row_groups_read == 0  # listing reads footers only
 
 
+def test_a_manifest_already_read_is_not_read_again(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The entry points read the manifest to check the model's catalogue, then open the data from
+    # that same reading: a dataset replaced in between cannot give the two steps different files.
+    expected = [(u.file, u.index, u.rows) for u in StreamingDataset.open(str(dataset)).units]
+    info = read_info(str(dataset))
+    import elcrec_dist.stream as stream
+
+    def no_second_read(url: str) -> None:
+        raise AssertionError(f"manifest of {url} read again")
+
+    monkeypatch.setattr(stream, "read_info", no_second_read)
+    ds = StreamingDataset.open(str(dataset), info=info)
+    assert ds.info is info
+    assert [(u.file, u.index, u.rows) for u in ds.units] == expected
+
+
 # --- training epochs ----------------------------------------------------------------------------
 
 
