@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from elcrec_dist.clustering import nearest_centre, normalized_mutual_info
 from elcrec_dist.data import Split, eval_batch, train_pairs
 from elcrec_dist.embed import pooled_embeddings
-from elcrec_dist.evaluation import HistoryItems, answer_ranks, finalize, metric_sums
+from elcrec_dist.evaluation import HistoryItems, SharedScores, finalize, metric_sums
 from elcrec_dist.model import ELCRec
 
 
@@ -28,24 +28,28 @@ def item_counts(sequences: Sequence[np.ndarray], *, num_items: int) -> np.ndarra
     return counts
 
 
+def popularity_ranking(counts: np.ndarray) -> SharedScores:
+    """The most-popular ranking of ``counts`` [N + 1] (``item_counts``), sorted once for every
+    batch of users it ranks."""
+    return SharedScores(torch.from_numpy(counts))
+
+
 def popularity_sums(
     sequences: Sequence[np.ndarray],
-    counts: np.ndarray,
+    ranking: SharedScores,
     *,
     split: Split,
     ks: Sequence[int],
     history_items: HistoryItems = "exclude",
 ) -> dict[str, float]:
-    """Metric sums of ranking every item by ``counts``, same protocol as the model (history
-    items by ``history_items``)."""
-    scores_row = torch.from_numpy(counts)
+    """Metric sums of ranking every item by ``ranking`` (``popularity_ranking``), same protocol
+    as the model (history items by ``history_items``). Memory follows the users' histories and
+    the catalogue once, never users x catalogue."""
     totals = {name: 0.0 for name in [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")] + ["MRR"]}
     for start in range(0, len(sequences), 1024):
         batch = eval_batch(sequences[start : start + 1024], split, max_len=1)
-        scores = scores_row.expand(len(batch.answers), -1)
-        for name, value in metric_sums(
-            answer_ranks(scores, batch.answers, batch.history, history_items=history_items), ks
-        ).items():
+        ranks = ranking.ranks(batch.answers, batch.history, history_items=history_items)
+        for name, value in metric_sums(ranks, ks).items():
             totals[name] += value
     return totals
 
@@ -58,8 +62,8 @@ def popularity_metrics(
     ks: Sequence[int] = (5, 10, 20),
 ) -> dict[str, float]:
     """Most-popular baseline over users held in memory."""
-    counts = item_counts(sequences, num_items=num_items)
-    return finalize(popularity_sums(sequences, counts, split=split, ks=ks), len(sequences))
+    ranking = popularity_ranking(item_counts(sequences, num_items=num_items))
+    return finalize(popularity_sums(sequences, ranking, split=split, ks=ks), len(sequences))
 
 
 @torch.no_grad()

@@ -103,6 +103,41 @@ def answer_ranks(
     return at_least - 1 - counted.sum(dim=1) - padding.long()
 
 
+class SharedScores:
+    """Ranks under one score row shared by every user (a most-popular baseline), without the
+    [B, N + 1] matrix: the row is sorted once, and each user's count of candidates scoring >= its
+    answer is a binary search in it; the history is then corrected in the small [B, L] history,
+    as ``tiled_answer_ranks`` does per tile. Equal to ``answer_ranks`` on the expanded row
+    exactly (the same comparisons of the same values)."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        """scores: [N + 1] (column 0 is padding), any float dtype, no NaN."""
+        self.scores = scores
+        self._sorted_all = scores.sort().values  # the candidates 0..N of ``score_zero``
+        self._sorted_items = scores[1:].sort().values  # the candidates 1..N of ``exclude``
+
+    def ranks(
+        self, answers: torch.Tensor, history: torch.Tensor, *, history_items: HistoryItems
+    ) -> torch.Tensor:
+        """answers [B], history [B, L] (0 where empty) -> [B] int64, the rule of
+        ``answer_ranks``."""
+        _check_history_items(history_items)
+        zero = history_items == "score_zero"
+        ordered, excluded = _excluded_history(history, answers)  # distinct, not the answer
+        own = self.scores[answers]  # [B]
+        target = own
+        if zero:
+            repeats = (ordered == answers[:, None]).any(dim=1)
+            target = torch.where(repeats, torch.zeros_like(own), own)
+        pool = self._sorted_all if zero else self._sorted_items
+        at_least = pool.numel() - torch.searchsorted(pool, target)  # candidates scoring >= it
+        rank = at_least - (own >= target).long()  # the answer's own column, when it counted
+        rank -= (excluded & (self.scores[ordered] >= target[:, None])).sum(dim=1)
+        if zero:  # each other history item counts again, by its score of 0
+            rank += (excluded & (target[:, None] <= 0.0)).sum(dim=1)
+        return rank
+
+
 def tile_ranges(num_items: int, tile_items: int) -> Iterator[tuple[int, int]]:
     """Item id ranges [lo, hi) covering the candidates 1..num_items, ``tile_items`` at a time."""
     if tile_items < 1:

@@ -17,6 +17,7 @@ from elcrec_dist.config import ConfigError, ModelConfig, load_config
 from elcrec_dist.data import eval_batch
 from elcrec_dist.evaluation import (
     HistoryItems,
+    SharedScores,
     answer_ranks,
     dense_top_k,
     evaluate_sums,
@@ -195,6 +196,30 @@ def test_tiled_ranks_equal_dense_and_the_naive_loop(seed: int, rule: HistoryItem
         got = tiled_answer_ranks(users, table, answers, history, tile_items=tile,
                                  history_items=rule)
         assert torch.equal(got, want), (num_items, tile)
+
+
+@pytest.mark.parametrize("rule", ["exclude", "score_zero"])
+@pytest.mark.parametrize("seed", range(8))
+def test_one_shared_score_row_ranks_as_the_dense_matrix_and_the_naive_loop(
+    seed: int, rule: HistoryItems
+) -> None:
+    # The most-popular baseline: one row for every user, scores with many ties, some below 0
+    # (where the reference rule lets the history overtake the answer), a padding score among
+    # them and -0.0 beside 0.0.
+    _, _, answers, history = integer_problem(seed)
+    num_items = int(max(answers.max(), history.max()))
+    gen = torch.Generator().manual_seed(100 + seed)
+    row = torch.randint(-3, 4, (num_items + 1,), generator=gen).double()
+    zeros = row == 0
+    negative = torch.rand(int(zeros.sum()), generator=gen) < 0.5
+    row[zeros] = torch.where(negative, -0.0, 0.0).to(row.dtype)
+    assert bool(torch.signbit(row[zeros]).any()) or int(zeros.sum()) < 3
+    got = SharedScores(row).ranks(answers, history, history_items=rule)
+    dense = answer_ranks(row.expand(len(answers), -1), answers, history, history_items=rule)
+    assert torch.equal(got, dense)
+    for user in range(len(answers)):
+        naive = naive_answer_rank(row.tolist(), int(answers[user]), history[user].tolist(), rule)
+        assert int(got[user]) == naive, user
 
 
 def test_the_two_history_rules_differ_where_the_problem_says_they_should() -> None:

@@ -223,12 +223,13 @@ def test_validation_and_test_rank_by_the_configs_history_rule(dataset: Path) -> 
 @pytest.mark.parametrize("rule", ["exclude", "score_zero"])
 def test_the_popularity_baseline_ranks_by_the_same_history_rule(rule: HistoryItems) -> None:
     """``popularity_sums`` against a naive loop over the training counts, under each rule."""
-    from elcrec_dist.diagnostics import item_counts, popularity_sums
+    from elcrec_dist.diagnostics import item_counts, popularity_ranking, popularity_sums
     from elcrec_dist.evaluation import metric_sums, naive_answer_rank
 
     rng = np.random.default_rng(4)
     seqs = [rng.integers(1, 16, size=int(rng.integers(4, 12))) for _ in range(60)]
     counts = item_counts(seqs, num_items=15)
-    got = popularity_sums(seqs, counts, split="test", ks=(1, 5), history_items=rule)
+    got = popularity_sums(seqs, popularity_ranking(counts), split="test", ks=(1, 5),
+                          history_items=rule)
     ranks = [naive_answer_rank(counts.tolist(), int(s[-1]), s[:-1].tolist(), rule) for s in seqs]
     assert got == pytest.approx(metric_sums(torch.tensor(ranks), (1, 5)), abs=1e-12)

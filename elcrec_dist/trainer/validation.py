@@ -29,7 +29,7 @@ import torch
 from elcrec_dist import distributed as dist_utils
 from elcrec_dist.config import ExperimentConfig
 from elcrec_dist.data import Split
-from elcrec_dist.diagnostics import item_counts, popularity_sums
+from elcrec_dist.diagnostics import item_counts, popularity_ranking, popularity_sums
 from elcrec_dist.evaluation import evaluate_sums, finalize
 from elcrec_dist.model import ELCRec
 from elcrec_dist.runlog import logger, progress
@@ -151,11 +151,11 @@ def popularity_sharded(
 ) -> dict[str, float]:
     """A most-popular baseline on test: items ranked by how often they occur in the training
     inputs (each rank counts its share, counts summed over ranks), same protocol as the model."""
-    counts = training_popularity(data, device=device)
+    ranking = popularity_ranking(training_popularity(data, device=device))
     ks = config.eval.ks
 
     def sums_of(chunk: UserRows) -> tuple[dict[str, float], int]:
-        return popularity_sums(chunk.sequences, counts, split="test", ks=ks,
+        return popularity_sums(chunk.sequences, ranking, split="test", ks=ks,
                                history_items=config.eval.history_items), len(chunk)
 
     rank, world = dist_utils.rank(), dist_utils.world_size()
