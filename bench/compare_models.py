@@ -45,13 +45,12 @@ from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
-import torch
 
 from bench.reproduce import DATASET_FILES, HarnessError, paper_metrics, parse_spec
 from elcrec_dist.checkpoint import load_model_weights
 from elcrec_dist.config import ConfigError, ExperimentConfig, load_config
 from elcrec_dist.data import Split, eval_batch, eval_pair
-from elcrec_dist.evaluation import HistoryItems, answer_ranks
+from elcrec_dist.evaluation import DEFAULT_TILE_ITEMS, HistoryItems, batch_ranks
 from elcrec_dist.model import ELCRec
 from elcrec_dist.prepared import load_sequences
 from elcrec_dist.reference import load_reference
@@ -78,7 +77,6 @@ def load_compared_model(source: str, config: ExperimentConfig, num_items: int) -
     return model.eval()
 
 
-@torch.no_grad()
 def user_ranks(
     model: ELCRec,
     sequences: Sequence[np.ndarray],
@@ -86,23 +84,23 @@ def user_ranks(
     split: Split,
     batch_size: int,
     history_items: HistoryItems = "exclude",
+    tile_items: int | None = DEFAULT_TILE_ITEMS,
 ) -> np.ndarray:
-    """0-based full-ranking rank of every user's answer (the rule of ``answer_ranks``, history
-    items treated by ``history_items``). -> [U]."""
+    """0-based full-ranking rank of every user's answer, through ``evaluation.batch_ranks`` as
+    ``launcher/evaluate.py`` ranks (history items by ``history_items``, the catalogue scored
+    ``tile_items`` items at a time). -> [U]."""
     model.eval()
     out = []
     for start in range(0, len(sequences), batch_size):
         batch = eval_batch(sequences[start : start + batch_size], split, model.config.max_len)
-        hidden = model(batch.inputs, last_only=True)
-        scores = model.score_all(model.user_vector(hidden)).float()
-        out.append(answer_ranks(scores, batch.answers, batch.history,
-                                history_items=history_items).numpy())
+        ranks = batch_ranks(model, batch, tile_items=tile_items, history_items=history_items)
+        out.append(ranks.cpu().numpy())
     return np.concatenate(out)
 
 
 def repeat_answers(sequences: Sequence[np.ndarray], split: Split) -> np.ndarray:
     """Whether each user's ``split`` answer is already in the user's (untruncated) history,
-    the history ``answer_ranks`` is given. -> [U] bool."""
+    the history the ranking excludes or zeroes. -> [U] bool."""
     flags = []
     for seq in sequences:
         history, answer = eval_pair(seq, split)
@@ -332,7 +330,8 @@ def main() -> int:
     for name, source in models:
         model = load_compared_model(source, config, info.num_items)
         ranks = user_ranks(model, sequences, split=args.split, batch_size=config.eval.batch_size,
-                           history_items=config.eval.history_items)
+                           history_items=config.eval.history_items,
+                           tile_items=config.eval.tile_items)
         names, values[name] = per_user_values(ranks, config.eval.ks)
     (first_name, _), *others = models
     report: dict[str, object] = {

@@ -398,6 +398,26 @@ def user_vectors(model: ELCRec, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_ranks(
+    model: ELCRec,
+    batch: EvalBatch,
+    *,
+    tile_items: int | None = DEFAULT_TILE_ITEMS,
+    history_items: HistoryItems = "exclude",
+) -> torch.Tensor:
+    """0-based rank of each user's answer in one batch -> [B] int64, model in whatever mode the
+    caller set (eval for ranking). ``tile_items=None`` ranks on the dense [B, N + 1] score
+    matrix (the reference)."""
+    users = user_vectors(model, batch.inputs)  # [B, D]
+    answers, history = batch.answers.to(users.device), batch.history.to(users.device)
+    if tile_items is None:
+        return answer_ranks(model.score_all(users).float(), answers, history,
+                            history_items=history_items)
+    table = model.item_embeddings.weight
+    return tiled_answer_ranks(users, table, answers, history, tile_items=tile_items,
+                              history_items=history_items)
+
+
 def evaluate_batch(
     model: ELCRec,
     batch: EvalBatch,
@@ -406,19 +426,10 @@ def evaluate_batch(
     tile_items: int | None = DEFAULT_TILE_ITEMS,
     history_items: HistoryItems = "exclude",
 ) -> dict[str, float]:
-    """Metric sums for one batch, model in whatever mode the caller set (eval for ranking).
-
-    ``tile_items=None`` ranks on the dense [B, N + 1] score matrix (the reference)."""
-    users = user_vectors(model, batch.inputs)  # [B, D]
-    answers, history = batch.answers.to(users.device), batch.history.to(users.device)
-    if tile_items is None:
-        ranks = answer_ranks(model.score_all(users).float(), answers, history,
-                             history_items=history_items)
-    else:
-        table = model.item_embeddings.weight
-        ranks = tiled_answer_ranks(users, table, answers, history, tile_items=tile_items,
-                                   history_items=history_items)
-    return metric_sums(ranks, ks)
+    """Metric sums for one batch (``batch_ranks``)."""
+    return metric_sums(
+        batch_ranks(model, batch, tile_items=tile_items, history_items=history_items), ks
+    )
 
 
 @torch.no_grad()
