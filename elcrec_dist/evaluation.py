@@ -113,8 +113,7 @@ class SharedScores:
     def __init__(self, scores: torch.Tensor) -> None:
         """scores: [N + 1] (column 0 is padding), any float dtype, no NaN."""
         self.scores = scores
-        self._sorted_all = scores.sort().values  # the candidates 0..N of ``score_zero``
-        self._sorted_items = scores[1:].sort().values  # the candidates 1..N of ``exclude``
+        self._sorted_items = scores[1:].sort().values  # the candidates 1..N
 
     def ranks(
         self, answers: torch.Tensor, history: torch.Tensor, *, history_items: HistoryItems
@@ -129,8 +128,10 @@ class SharedScores:
         if zero:
             repeats = (ordered == answers[:, None]).any(dim=1)
             target = torch.where(repeats, torch.zeros_like(own), own)
-        pool = self._sorted_all if zero else self._sorted_items
-        at_least = pool.numel() - torch.searchsorted(pool, target)  # candidates scoring >= it
+        items = self._sorted_items
+        at_least = items.numel() - torch.searchsorted(items, target)  # items scoring >= it
+        if zero:  # the padding column is a candidate too
+            at_least += (self.scores[0] >= target).long()
         rank = at_least - (own >= target).long()  # the answer's own column, when it counted
         rank -= (excluded & (self.scores[ordered] >= target[:, None])).sum(dim=1)
         if zero:  # each other history item counts again, by its score of 0
